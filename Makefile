@@ -1,0 +1,36 @@
+# The README's commands. Everything runs inside .venv, created on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ARCH   := $(shell uname -m)
+ifeq ($(ARCH),aarch64)
+TORCH  := torch==2.9.1 torchvision==0.24.1
+else
+TORCH  := torch==2.14.1 torchvision==0.29.1
+endif
+# extra arguments for `make train`, e.g. make train ARGS="--max-epochs 5"
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: train test lab bench venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+train: venv
+	$(PY) -m byol_nb.train --data shapes --out runs/byol $(ARGS)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf runs data/shapes data/cifar10-subset .pytest_cache

@@ -1,0 +1,41 @@
+"""The target network's update: an exponential moving average with a cosine momentum schedule.
+
+    xi <- tau * xi + (1 - tau) * theta          (parameters *and* BatchNorm buffers)
+    tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2
+
+``k`` is the *global optimizer step*, stored in every checkpoint, so a resumed run continues the
+schedule where it stopped instead of restarting at ``tau_base``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def cosine_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
+    """tau at global step ``step`` of ``total_steps``: ``base`` at 0, rising to 1 at the end."""
+    if total_steps <= 0:
+        return base
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """Move ``target`` towards ``online`` in place; both must have the same architecture.
+
+    Floating-point parameters and buffers (BN running mean/var) are averaged with one fused
+    ``torch._foreach_lerp_`` per group; integer buffers (BN's batch counter) are copied.
+    """
+    if len(list(target.parameters())) != len(list(online.parameters())):
+        raise ValueError("target and online networks have different parameter lists")
+    pairs = list(zip(target.parameters(), online.parameters()))
+    pairs += [(t, o) for t, o in zip(target.buffers(), online.buffers()) if t.is_floating_point()]
+    if pairs:
+        torch._foreach_lerp_([t for t, _ in pairs], [o.detach() for _, o in pairs], 1 - tau)
+    for t, o in zip(target.buffers(), online.buffers()):
+        if not t.is_floating_point():
+            t.copy_(o)

@@ -1,0 +1,97 @@
+"""Networks: a ResNet backbone that gives a pooled vector *and* a feature map, BYOL's MLP heads,
+and the online/target pair.
+
+The target network is a real, separate copy (``copy.deepcopy``) whose parameters never receive
+gradients; it only moves through :func:`byol_nb.ema.ema_update_`. All heads are built in
+``__init__``, before any optimizer or DDP wrapper exists, so they are trained and synchronised.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+BACKBONES = ("resnet18", "resnet34", "resnet50")
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet without its classifier.
+
+    ``small_stem`` swaps the 7x7/2 convolution and the max-pool for one 3x3/1 convolution, the usual
+    change for 32-64 px images (the feature map is then 8x smaller than the input instead of 32x).
+    """
+
+    def __init__(self, name: str = "resnet18", small_stem: bool = False, pretrained: bool = False) -> None:
+        super().__init__()
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}")
+        weights = "DEFAULT" if pretrained else None
+        resnet = getattr(torchvision.models, name)(weights=weights)
+        if small_stem:
+            resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            resnet.maxpool = nn.Identity()
+        self.name, self.small_stem = name, small_stem
+        self.dim = resnet.fc.in_features
+        self.body = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+                                  resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+
+    def stride(self) -> int:
+        """Input pixels per feature-map cell."""
+        return 8 if self.small_stem else 32
+
+    def feature_map(self, images: Tensor) -> Tensor:
+        """(B, 3, S, S) -> (B, dim, S / stride, S / stride)."""
+        return self.body(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, 3, S, S) -> (B, dim), global-average-pooled."""
+        return self.body(images).mean(dim=(2, 3))
+
+
+class MLP(nn.Module):
+    """BYOL's projector and predictor: Linear, BatchNorm, ReLU, Linear."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                                 nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Encoder(nn.Module):
+    """Backbone followed by the projector: the part that has a target (EMA) twin."""
+
+    def __init__(self, backbone: Backbone, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = MLP(backbone.dim, hidden_dim, out_dim)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (feature map, projection)."""
+        fmap = self.backbone.feature_map(images)
+        return fmap, self.projector(fmap.mean(dim=(2, 3)))
+
+
+class BYOLNetworks(nn.Module):
+    """Online encoder + predictor, and the target encoder (an EMA copy of the online one)."""
+
+    def __init__(self, backbone: Backbone, hidden_dim: int = 4096, out_dim: int = 256) -> None:
+        super().__init__()
+        self.online = Encoder(backbone, hidden_dim, out_dim)
+        self.predictor = MLP(out_dim, hidden_dim, out_dim)
+        self.target = copy.deepcopy(self.online)
+        self.target.requires_grad_(False)
+        for module in self.target.modules():
+            # The target normalises with batch statistics (train mode, as in the paper), but its
+            # running statistics move only through the EMA of the online network's, like its weights.
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = 0.0
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.online.backbone

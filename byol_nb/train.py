@@ -1,0 +1,190 @@
+"""Command-line entry point: pretrain, export the backbone, evaluate, write metrics.
+
+    python -m byol_nb.train --data shapes --max-epochs 20 --out runs/byol
+
+Writes OUT/last.ckpt (and OUT/best.ckpt when a labeled split is monitored), OUT/backbone.pt,
+OUT/metrics.json, OUT/logs/metrics.csv and OUT/curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from byol_nb.callbacks import ThroughputMonitor
+from byol_nb.checkpoint import save_backbone
+from byol_nb.data import DataError, SSLDataModule
+from byol_nb.evaluate import evaluate_backbone
+from byol_nb.models import BACKBONES
+from byol_nb.module import METHODS, BYOLModule, TrainConfig
+from byol_nb.optim import OPTIMIZERS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m byol_nb.train", description="Self-supervised pretraining (BYOL).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="shapes",
+                      help="'shapes' (built-in), 'cifar10', 'stl10', or a folder of images")
+    data.add_argument("--val-data", default=None,
+                      help="labeled folder (one sub-folder per class) for the kNN monitor; --data must be labeled too")
+    data.add_argument("--image-size", type=int, default=d.image_size)
+    data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: cached in memory)")
+    model = p.add_argument_group("model")
+    model.add_argument("--method", choices=METHODS, default=d.method)
+    model.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
+    model.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=d.small_stem,
+                       help="3x3 stride-1 stem without max-pool, for small images (8x larger feature maps)")
+    model.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (online)")
+    model.add_argument("--proj-hidden", type=int, default=d.proj_hidden)
+    model.add_argument("--proj-dim", type=int, default=d.proj_dim)
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    steps = opt.add_mutually_exclusive_group()
+    steps.add_argument("--max-epochs", type=int, default=None)
+    steps.add_argument("--max-steps", type=int, default=None)
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    opt.add_argument("--lr", type=float, default=d.lr, help="per 256 images of global batch")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    opt.add_argument("--tau-base", type=float, default=d.tau_base, help="EMA momentum at step 0")
+    opt.add_argument("--seed", type=int, default=d.seed)
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto")
+    hw.add_argument("--devices", default="1", help="number of devices, or 'auto'")
+    hw.add_argument("--num-nodes", type=int, default=1)
+    hw.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ddp_notebook, ...")
+    hw.add_argument("--precision", default="auto", help="auto (bf16-mixed on GPUs that support it, else 32), 32, bf16-mixed, 16-mixed")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default="runs/byol", help="output folder")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar (logs only)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**values)
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    if precision != "auto":
+        return precision
+    gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Stop before any work with one clear line for values that cannot work."""
+    if args.batch_size <= 0:
+        raise SystemExit(f"error: --batch-size must be positive, got {args.batch_size}")
+    for flag in ("max_epochs", "max_steps"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive, got {value}")
+    if args.image_size < 8:
+        raise SystemExit(f"error: --image-size must be at least 8, got {args.image_size}")
+    if args.lr <= 0:
+        raise SystemExit(f"error: --lr must be positive, got {args.lr}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    if args.max_epochs is None and args.max_steps is None:
+        args.max_epochs = 20
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = config_from_args(args)
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+    datamodule = SSLDataModule(args.data, args.val_data, args.image_size, args.batch_size, args.num_workers)
+    module = BYOLModule(config)
+    initial_backbone = copy.deepcopy(module.backbone.state_dict())
+    throughput = ThroughputMonitor()
+    callbacks: list[pl.Callback] = [throughput, ModelCheckpoint(dirpath=out, filename="best", monitor="knn_top1",
+                                                                mode="max", save_last=True, enable_version_counter=False)]
+    if datamodule.spec.val is None:
+        callbacks[1] = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0, enable_version_counter=False)
+    trainer = pl.Trainer(
+        accelerator=args.accelerator, devices=args.devices if args.devices == "auto" else int(args.devices),
+        num_nodes=args.num_nodes, strategy=args.strategy,
+        precision=resolve_precision(args.precision, args.accelerator),
+        max_epochs=args.max_epochs if args.max_steps is None else -1, max_steps=args.max_steps or -1,
+        callbacks=callbacks, logger=CSVLogger(out, name="logs", version=""), log_every_n_steps=10,
+        enable_progress_bar=not args.no_progress, enable_model_summary=False, deterministic=False,
+        num_sanity_val_steps=0)
+    resume_from = out / "last.ckpt" if args.resume else None
+    if resume_from is not None and not resume_from.exists():
+        raise SystemExit(f"error: --resume given but {resume_from} does not exist; drop --resume to start fresh")
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    wall = time.perf_counter() - started
+    if not trainer.is_global_zero:
+        return 0
+
+    metrics = {"method": config.method, "global_step": trainer.global_step, "epochs": trainer.current_epoch,
+               "final_loss": _last_logged(trainer, "train/loss"), "wall_time_s": round(wall, 1),
+               "images_per_second": round(throughput.images_per_second, 1),
+               "world_size": trainer.world_size, "config": asdict(config)}
+    backbone = module.backbone.cpu().float()
+    save_backbone(backbone, out / "backbone.pt", image_size=config.image_size)
+    if datamodule.bank_set is not None:
+        trained = evaluate_backbone(backbone, datamodule.bank_set, datamodule.val_set)
+        backbone.load_state_dict(initial_backbone)
+        at_init = evaluate_backbone(backbone, datamodule.bank_set, datamodule.val_set)
+        metrics.update(knn_top1=round(trained, 2), knn_top1_random_init=round(at_init, 2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _plot_curves(out)
+    _report(out, metrics)
+    return 0
+
+
+def _last_logged(trainer: pl.Trainer, key: str) -> float | None:
+    value = trainer.callback_metrics.get(key)
+    return round(float(value), 4) if value is not None else None
+
+
+def _plot_curves(out: Path) -> None:
+    from byol_nb.viz import plot_training_curves
+
+    csv = out / "logs" / "metrics.csv"
+    if csv.exists():
+        plot_training_curves(csv).savefig(out / "curves.png", dpi=100, bbox_inches="tight")
+
+
+def _report(out: Path, metrics: dict) -> None:
+    print(f"\nfinished {metrics['global_step']} steps in {metrics['wall_time_s']} s "
+          f"({metrics['images_per_second']} images/s)")
+    if "knn_top1" in metrics:
+        print(f"kNN top-1 on the held-out split: {metrics['knn_top1']}% trained, "
+              f"{metrics['knn_top1_random_init']}% at random initialisation")
+    for name in ("last.ckpt", "best.ckpt", "backbone.pt", "metrics.json", "curves.png"):
+        if (out / name).exists():
+            print(f"  {out / name}")
+
+
+def cli() -> None:
+    try:
+        sys.exit(main())
+    except DataError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    cli()
