@@ -1,0 +1,229 @@
+"""BYOL's pieces against hand computations, and the correctness traps of DESIGN.md (1, 2, 3, 5, 6, 7)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from byol_nb.augment import AugmentConfig, TwoViewAugment, resized_crop, sample_crop_boxes
+from byol_nb.ema import cosine_momentum, ema_update_
+from byol_nb.losses import byol_loss, symmetric_byol_loss
+from byol_nb.models import Backbone, BYOLNetworks
+from byol_nb.module import BYOLModule, TrainConfig
+from byol_nb.optim import LARS, build_optimizer, warmup_cosine
+
+
+def small_networks() -> BYOLNetworks:
+    torch.manual_seed(0)
+    return BYOLNetworks(Backbone("resnet18"), hidden_dim=32, out_dim=16)
+
+
+# ---- loss ---------------------------------------------------------------------------------------
+def test_byol_loss_matches_hand_computation():
+    p = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    z = torch.tensor([[0.0, 2.0], [2.0, 2.0]])
+    # cos = 0 for the first pair (orthogonal), 1 for the second (parallel)
+    torch.testing.assert_close(byol_loss(p, z), torch.tensor([2.0, 0.0]))
+
+
+def test_symmetric_loss_sums_both_directions_trap5():
+    torch.manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(4, 8) for _ in range(4))
+    one_way = (2 - 2 * F.cosine_similarity(p1, z2)).mean()
+    other_way = (2 - 2 * F.cosine_similarity(p2, z1)).mean()
+    loss = symmetric_byol_loss(p1, p2, z1, z2)
+    torch.testing.assert_close(loss, one_way + other_way)
+    # an averaging implementation would give half of this: the gradient would be halved too
+    assert not torch.isclose(loss, (one_way + other_way) / 2)
+
+
+def test_loss_is_stop_gradient_on_the_target():
+    p = torch.randn(3, 5, requires_grad=True)
+    z = torch.randn(3, 5, requires_grad=True)
+    byol_loss(p, z).sum().backward()
+    assert p.grad is not None and z.grad is None
+
+
+# ---- target network and EMA -----------------------------------------------------------------
+def test_target_is_a_separate_copy_trap1():
+    nets = small_networks()
+    online = dict(nets.online.named_parameters())
+    for name, target_param in nets.target.named_parameters():
+        assert target_param.data_ptr() != online[name].data_ptr(), f"{name} is shared with the online network"
+        assert not target_param.requires_grad
+        torch.testing.assert_close(target_param, online[name])  # starts as an exact copy
+
+
+def test_ema_update_formula_for_parameters_and_bn_buffers_trap7():
+    nets = small_networks()
+    with torch.no_grad():  # make the two networks differ
+        for p in nets.online.parameters():
+            p.add_(torch.randn_like(p))
+        for name, b in nets.online.named_buffers():
+            if b.is_floating_point():
+                b.add_(1.0)
+    before = {k: v.clone() for k, v in nets.target.state_dict().items()}
+    online = nets.online.state_dict()
+    tau = 0.9
+    ema_update_(nets.target, nets.online, tau)
+    after = nets.target.state_dict()
+    for key, value in after.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, tau * before[key] + (1 - tau) * online[key], msg=key)
+    bn_mean = "backbone.body.1.running_mean"
+    assert not torch.equal(after[bn_mean], before[bn_mean]), "target BN statistics were not updated"
+
+
+def test_target_changes_only_through_the_ema_trap1():
+    """An optimizer step on the loss moves the online network; the target moves only when the EMA runs."""
+    nets = small_networks()
+    nets.train()
+    optimizer = build_optimizer("sgd", nets, lr=0.1, weight_decay=0.0)
+    x = torch.randn(8, 3, 32, 32)
+    target_before = [p.clone() for p in nets.target.parameters()]
+    online_before = [p.clone() for p in nets.online.parameters()]
+    _, z = nets.online(x)
+    with torch.no_grad():
+        _, t = nets.target(x.flip(-1))
+    p = nets.predictor(z)
+    symmetric_byol_loss(p[:4], p[4:], t[:4], t[4:]).backward()
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(target_before, nets.target.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(online_before, nets.online.parameters()))
+    ema_update_(nets.target, nets.online, tau=0.5)
+    assert any(not torch.equal(a, b) for a, b in zip(target_before, nets.target.parameters()))
+
+
+def test_target_running_stats_follow_only_the_ema():
+    """The target normalises with batch statistics but its forward does not move its running stats."""
+    nets = small_networks()
+    nets.train()
+    before = nets.target.backbone.body[1].running_mean.clone()
+    with torch.no_grad():
+        nets.target(torch.randn(4, 3, 32, 32) * 5 + 3)
+    torch.testing.assert_close(nets.target.backbone.body[1].running_mean, before)
+
+
+def test_cosine_momentum_schedule():
+    assert cosine_momentum(0, 100, 0.996) == pytest.approx(0.996)
+    assert cosine_momentum(50, 100, 0.996) == pytest.approx(0.998)
+    assert cosine_momentum(100, 100, 0.996) == pytest.approx(1.0)
+    values = [cosine_momentum(k, 100, 0.99) for k in range(101)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+
+
+def test_momentum_is_read_from_the_global_step_trap6():
+    """A resumed module (global step restored from the checkpoint) continues the schedule."""
+
+    class FakeTrainer:
+        global_step = 0
+        estimated_stepping_batches = 200
+
+    module = BYOLModule(TrainConfig(proj_hidden=32, tau_base=0.99))
+    module._trainer = FakeTrainer()  # what Lightning attaches; global_step is read through it
+    FakeTrainer.global_step = 150
+    assert module.current_tau() == pytest.approx(cosine_momentum(150, 200, 0.99))
+    assert module.current_tau() > 0.998  # far from tau_base = 0.99, where a restarted schedule would be
+
+
+# ---- heads and optimizer ------------------------------------------------------------------------
+def test_all_online_heads_are_in_the_optimizer_and_target_is_not_trap2():
+    module = BYOLModule(TrainConfig(proj_hidden=32))
+    optimizer = build_optimizer("lars", module.nets, lr=0.1, weight_decay=1e-6)
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for part in (module.nets.online.backbone, module.nets.online.projector, module.nets.predictor):
+        assert all(id(p) in optimized for p in part.parameters())
+    assert not any(id(p) in optimized for p in module.nets.target.parameters())
+
+
+def test_lars_skips_adaptation_for_biases_and_scales_weights():
+    w = nn.Parameter(torch.ones(4, 4))
+    b = nn.Parameter(torch.ones(4))
+    w.grad, b.grad = torch.full((4, 4), 2.0), torch.full((4,), 2.0)
+    opt = LARS([dict(params=[w]), dict(params=[b], lars=False, weight_decay=0.0)], lr=1.0, momentum=0.0,
+               trust_coefficient=0.001)
+    opt.step()
+    # weight: step = lr * trust * ||w|| / ||g|| * g = 0.001 * 4 / 8 * 2 = 0.001
+    torch.testing.assert_close(w.detach(), torch.full((4, 4), 1 - 0.001))
+    torch.testing.assert_close(b.detach(), torch.full((4,), 1 - 2.0))
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_cosine(100, 10, 100) == pytest.approx(0.0)
+
+
+# ---- augmentation -------------------------------------------------------------------------------
+def test_every_sample_gets_its_own_crop_and_flip_trap3():
+    torch.manual_seed(0)
+    boxes = sample_crop_boxes(64, (0.08, 1.0), (3 / 4, 4 / 3))
+    assert len({tuple(b.tolist()) for b in boxes}) == 64
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert areas.min() >= 0.08 - 1e-6 and areas.max() <= 1 + 1e-6
+    assert boxes.min() >= 0 and boxes.max() <= 1
+    augment = TwoViewAugment(AugmentConfig(16))
+    same = torch.full((32, 3, 16, 16), 128, dtype=torch.uint8)
+    view1, view2 = augment(same, seed=0)
+    assert 0 < view1.flips.sum() < 32, "flip decided once per batch"
+    # identical inputs, yet the views differ between samples (colour parameters per sample)
+    per_sample = view1.images.flatten(1).mean(1)
+    assert per_sample.unique().numel() > 16
+
+
+def test_two_views_use_their_own_recipes_and_seed_is_reproducible():
+    augment = TwoViewAugment(AugmentConfig(16))
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    a1, a2 = augment(images, seed=3)
+    b1, _ = augment(images, seed=3)
+    c1, _ = augment(images, seed=4)
+    torch.testing.assert_close(a1.images, b1.images)
+    assert not torch.equal(a1.images, c1.images)
+    assert not torch.equal(a1.boxes, a2.boxes)
+
+
+def coordinate_image(size: int) -> torch.Tensor:
+    """A float image whose channel 0 holds each pixel centre's x and channel 1 its y, in [0, 1]."""
+    centres = (torch.arange(size) + 0.5) / size
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([x, y, torch.zeros_like(x)]).unsqueeze(0)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_crop_boxes_locate_each_view_in_the_original(flip):
+    """Each view pixel shows the original point that the box (and flip) says it should."""
+    size, out = 64, 16
+    image = coordinate_image(size).repeat(4, 1, 1, 1)
+    torch.manual_seed(1)
+    boxes = sample_crop_boxes(4, (0.2, 1.0), (3 / 4, 4 / 3))
+    flips = torch.full((4,), flip)
+    view = resized_crop(image, boxes, flips, out)
+    u = (torch.arange(out) + 0.5) / out
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        expected_x = x1 - u * (x1 - x0) if flip else x0 + u * (x1 - x0)
+        expected_y = y0 + u * (y1 - y0)
+        # bilinear interpolation of a linear ramp is exact away from the border
+        torch.testing.assert_close(view[i, 0, 3], expected_x, atol=1 / size, rtol=0)
+        torch.testing.assert_close(view[i, 1, :, 3], expected_y, atol=1 / size, rtol=0)
+
+
+def test_augment_returns_views_boxes_and_flips_for_a_uint8_batch():
+    augment = TwoViewAugment(AugmentConfig(24))
+    v1, v2 = augment(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8), seed=0)
+    for v in (v1, v2):
+        assert v.images.shape == (5, 3, 24, 24) and v.images.dtype == torch.float32
+        assert v.boxes.shape == (5, 4) and v.flips.shape == (5,) and v.flips.dtype == torch.bool
+        assert torch.isfinite(v.images).all()
+
+
+def test_collapse_monitor_detects_collapse():
+    spread = torch.randn(256, 64)
+    collapsed = torch.ones(256, 64) + 1e-4 * torch.randn(256, 64)
+    assert BYOLModule.collapse_std(spread) == pytest.approx(1.0, abs=0.15)
+    assert BYOLModule.collapse_std(collapsed) < 0.05
+    assert math.isfinite(float(BYOLModule.collapse_std(collapsed)))
