@@ -28,7 +28,7 @@ from byol_nb.checkpoint import save_backbone
 from byol_nb.data import DataError, SSLDataModule
 from byol_nb.evaluate import evaluate_backbone
 from byol_nb.models import BACKBONES
-from byol_nb.module import METHODS, BYOLModule, TrainConfig
+from byol_nb.module import METHODS, BYOLModule, TrainConfig, check_config
 from byol_nb.optim import OPTIMIZERS
 
 
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (online)")
     model.add_argument("--proj-hidden", type=int, default=d.proj_hidden)
     model.add_argument("--proj-dim", type=int, default=d.proj_dim)
+    model.add_argument("--instance-weight", type=float, default=d.instance_weight,
+                       help="pixel methods: weight of the instance (BYOL) loss on pooled features; 0 for pixel-only")
+    model.add_argument("--pixel-threshold", type=float, default=d.pixel_threshold,
+                       help="pixel methods: cells closer than this (in cell diagonals) are positive pairs")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     steps = opt.add_mutually_exclusive_group()
@@ -99,6 +103,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --image-size must be at least 8, got {args.image_size}")
     if args.lr <= 0:
         raise SystemExit(f"error: --lr must be positive, got {args.lr}")
+    try:
+        check_config(config_from_args(args))
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,9 +186,10 @@ def _report(out: Path, metrics: dict) -> None:
             print(f"  {out / name}")
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
+    """``main`` with data problems turned into one ``error:`` line and exit status 1."""
     try:
-        sys.exit(main())
+        sys.exit(main(argv))
     except DataError as error:
         sys.exit(f"error: {error}")
 

@@ -1,0 +1,79 @@
+"""End to end on CPU: the training command, the exported backbone and the evaluation command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import byol_nb
+from byol_nb import train
+from byol_nb.checkpoint import load_backbone
+from byol_nb.evaluate import knn_top1, linear_probe_top1
+
+TINY = ["--image-size", "32", "--batch-size", "16", "--proj-hidden", "64", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = train.main(["--data", str(tiny_shapes / "train"), "--val-data", str(tiny_shapes / "test"),
+                       "--max-steps", "4", "--out", str(out), "--accelerator", "cpu", *TINY])
+    assert code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_training_writes_checkpoint_backbone_and_metrics(trained_run):
+    for name in ("last.ckpt", "backbone.pt", "metrics.json", "curves.png"):
+        assert (trained_run / name).is_file(), name
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["global_step"] == 4
+    assert metrics["images_per_second"] > 0 and metrics["wall_time_s"] > 0
+    assert 0 <= metrics["knn_top1"] <= 100 and 0 <= metrics["knn_top1_random_init"] <= 100
+    assert metrics["final_loss"] is not None and 0 <= metrics["final_loss"] <= 8
+
+
+@pytest.mark.slow
+def test_load_backbone_gives_pooled_and_dense_features(trained_run):
+    images = byol_nb.augment.normalize(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    pooled = load_backbone(trained_run / "backbone.pt")(images)
+    dense = load_backbone(trained_run / "backbone.pt", dense=True)(images)
+    assert pooled.shape == (2, 512)
+    assert dense.shape == (2, 512, 1, 1)
+    torch.testing.assert_close(dense.mean(dim=(2, 3)), pooled)
+
+
+@pytest.mark.slow
+def test_evaluate_command_prints_one_json_line(trained_run, tiny_shapes):
+    result = subprocess.run(
+        [sys.executable, "-m", "byol_nb.evaluate", "--backbone", str(trained_run / "backbone.pt"),
+         "--train", str(tiny_shapes / "train"), "--test", str(tiny_shapes / "test"), "--task", "knn"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["task"] == "knn" and 0 <= line["top1"] <= 100
+
+
+def test_knn_top1_votes_with_nearest_neighbours():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    queries = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    assert knn_top1(bank, labels, queries, torch.tensor([0, 1]), k=2) == 100.0
+    assert knn_top1(bank, labels, queries, torch.tensor([1, 0]), k=2) == 0.0
+
+
+def test_linear_probe_separates_separable_features():
+    torch.manual_seed(0)
+    x = torch.randn(200, 8)
+    y = (x[:, 0] > 0).long()
+    assert linear_probe_top1(x[:150], y[:150], x[150:], y[150:]) > 90
+
+
+def test_unknown_path_stops_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.cli(["--data", str(tmp_path / "nowhere"), "--max-steps", "1", "--out", str(tmp_path / "o")])
+    assert "does not exist" in str(stop.value)
