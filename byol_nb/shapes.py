@@ -51,17 +51,28 @@ def _polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> li
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A textured background: a colour gradient or stripes, plus pixel noise (float, HxWx3)."""
+    """A cluttered background (float, HxWx3): a colour gradient under "dead leaves" (many small
+    overlapping rectangles and discs of random colours), plus pixel noise.
+
+    The clutter changes from place to place, so two crops of one image share little of it: the
+    shape is what the two views have in common, which is what makes learning measurable here.
+    A global pattern (stripes, say) would be shared by every crop and learned instead of the shape.
+    """
     yy, xx = np.mgrid[0:size, 0:size] / size
     c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    theta = rng.uniform(0, math.pi)
-    ramp = np.cos(theta) * xx + np.sin(theta) * yy
-    if rng.random() < 0.5:
-        mix = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-8)
-    else:
-        mix = (np.sin(ramp * rng.uniform(6, 20) * math.pi) > 0).astype(np.float64)
-    img = c1 * (1 - mix[..., None]) + c2 * mix[..., None]
-    return img + rng.normal(0, rng.uniform(5, 25), img.shape)
+    theta = rng.uniform(0, 2 * math.pi)
+    ramp = np.clip(0.5 + (np.cos(theta) * (xx - 0.5) + np.sin(theta) * (yy - 0.5)), 0, 1)
+    img = c1 * (1 - ramp[..., None]) + c2 * ramp[..., None]
+    for _ in range(rng.integers(15, 40)):
+        x0, y0 = rng.uniform(-0.1, 1.0, 2) * size
+        w, h = rng.uniform(0.05, 0.25, 2) * size
+        colour = rng.uniform(0, 255, 3)
+        if rng.random() < 0.5:
+            inside = (xx * size >= x0) & (xx * size < x0 + w) & (yy * size >= y0) & (yy * size < y0 + h)
+        else:
+            inside = ((xx * size - x0) / w) ** 2 + ((yy * size - y0) / h) ** 2 < 1
+        img[inside] = colour
+    return img + rng.normal(0, rng.uniform(5, 20), img.shape)
 
 
 def render_shape_image(rng: np.random.Generator, label: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +92,7 @@ def render_shape_image(rng: np.random.Generator, label: int, size: int) -> tuple
             draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=colour)
 
     kind = SHAPE_CLASSES[label]
-    radius = rng.uniform(0.2, 0.4) * big
+    radius = rng.uniform(0.25, 0.42) * big
     cx, cy = (float(v) for v in rng.uniform(radius, big - radius, 2))
     colour = tuple(int(c) for c in rng.integers(0, 256, 3))
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
@@ -110,7 +121,7 @@ def generate_shapes(
     """
     root = Path(root)
     meta = {"train_per_class": train_per_class, "test_per_class": test_per_class, "size": size,
-            "seed": seed, "classes": list(SHAPE_CLASSES), "version": 1}
+            "seed": seed, "classes": list(SHAPE_CLASSES), "version": 2}
     meta_file = root / "meta.json"
     if meta_file.exists() and json.loads(meta_file.read_text()) == meta:
         return root
