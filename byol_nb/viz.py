@@ -35,3 +35,139 @@ def plot_training_curves(path: str | Path, keys: tuple[str, ...] = ("train/loss"
         ax.set_xlabel("step")
     fig.tight_layout()
     return fig
+
+
+# ---- course figures: images, views and crop boxes, simple curves --------------------------------
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+VIEW_COLOURS = ("tab:orange", "tab:blue")
+
+
+def to_display(image: "torch.Tensor") -> np.ndarray:
+    """One image (3, H, W), uint8 or float in [0, 1], as an (H, W, 3) float array for imshow.
+
+    Normalised network inputs must go through :func:`byol_nb.augment.denormalize` first.
+    """
+    image = image.detach().cpu()
+    if image.dtype == torch.uint8:
+        image = image.float() / 255
+    return image.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def image_grid(images: "torch.Tensor", titles: list[str] | None = None, ncols: int = 8,
+               size: float = 1.4, suptitle: str | None = None):
+    """A grid of images (N, 3, H, W) (uint8 or [0, 1] float), optionally titled."""
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.3 if suptitle else 0)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(to_display(images[i]), interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def draw_box(ax, box: "torch.Tensor", image_size: int, colour: str, flipped: bool = False,
+             label: str | None = None) -> None:
+    """Draw a crop box (x0, y0, x1, y1) in [0, 1] coordinates on an image axis; dashed when flipped."""
+    x0, y0, x1, y1 = (float(v) * image_size - 0.5 for v in box)
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=2,
+                           linestyle="--" if flipped else "-"))
+    if label:
+        ax.text(x0 + 1, y0 + 1, label, color="white", fontsize=7, va="top",
+                bbox=dict(facecolor=colour, alpha=0.8, pad=1, linewidth=0))
+
+
+def plot_views(originals: "torch.Tensor", view1, view2, n: int = 6, size: float = 1.6):
+    """Originals with both crop boxes drawn on them (dashed = flipped view), then view 1 and view 2.
+
+    ``view1``/``view2`` are :class:`byol_nb.augment.View` s of ``originals`` (normalised images).
+    """
+    from byol_nb.augment import denormalize
+
+    n = min(n, len(originals))
+    fig, axes = plt.subplots(3, n, figsize=(size * n, size * 3 + 0.2), squeeze=False)
+    rows = (("original", None), ("view 1", view1), ("view 2", view2))
+    for r, (name, view) in enumerate(rows):
+        for i in range(n):
+            ax = axes[r, i]
+            ax.axis("off")
+            if view is None:
+                ax.imshow(to_display(originals[i]), interpolation="nearest")
+                for k, v in enumerate((view1, view2)):
+                    draw_box(ax, v.boxes[i], originals.shape[-1], VIEW_COLOURS[k], bool(v.flips[i]), str(k + 1))
+            else:
+                ax.imshow(to_display(denormalize(view.images[i:i + 1])[0]), interpolation="nearest")
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(VIEW_COLOURS[r - 1])
+            if i == 0:
+                ax.set_title(name, fontsize=9, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def explorer_config(image_size: int, crop_min_scale: float = 0.08, jitter_strength: float = 1.0,
+                    blur_p: float = 0.5, solarize_p: float = 0.1):
+    """The :class:`byol_nb.augment.AugmentConfig` behind the augmentation explorer's sliders.
+
+    ``jitter_strength`` scales BYOL's (0.4, 0.4, 0.2, 0.1) jitter; ``blur_p`` and ``solarize_p`` are
+    used for *both* views (the recipe itself uses 1.0 / 0.1 and 0.0 / 0.2) so their effect is visible.
+    """
+    from byol_nb.augment import AugmentConfig, ViewRecipe
+
+    if not 0 < crop_min_scale <= 1:
+        raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}")
+    s = float(jitter_strength)
+    recipe = ViewRecipe(blur_p=float(blur_p), solarize_p=float(solarize_p))
+    return AugmentConfig(image_size, crop_scale=(float(crop_min_scale), 1.0),
+                         jitter=(0.4 * s, 0.4 * s, 0.2 * s, min(0.1 * s, 0.5)), views=(recipe, recipe))
+
+
+def augment_explorer(originals: "torch.Tensor", crop_min_scale: float = 0.08, jitter_strength: float = 1.0,
+                     blur_p: float = 0.5, solarize_p: float = 0.1, seed: int = 0, n: int = 6):
+    """Two views of ``originals`` (uint8) drawn with the explorer's settings, as :func:`plot_views`."""
+    from byol_nb.augment import TwoViewAugment
+
+    config = explorer_config(originals.shape[-1], crop_min_scale, jitter_strength, blur_p, solarize_p)
+    view1, view2 = TwoViewAugment(config)(originals[:n], seed=int(seed))
+    return plot_views(originals, view1, view2, n=n)
+
+
+def plot_lines(series: dict, title: str = "", xlabel: str = "step", ylabel: str = "",
+               logy: bool = False, size: tuple[float, float] = (5, 3)):
+    """One axis with a line per entry; values are a list of y, or an (x, y) pair of sequences."""
+    fig, ax = plt.subplots(figsize=size)
+    for name, values in series.items():
+        x, y = values if isinstance(values, tuple) else (range(len(values)), values)
+        x, y = list(x), list(y)
+        ax.plot(x, y, label=name, marker="o" if len(y) < 25 else None, markersize=3)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_bars(values: dict[str, float], title: str = "", ylabel: str = "", fmt: str = "{:.0f}",
+              size: tuple[float, float] = (5, 3)):
+    """A labelled bar per entry, with its value written on top."""
+    fig, ax = plt.subplots(figsize=size)
+    names, heights = list(values), [float(v) for v in values.values()]
+    bars = ax.bar(names, heights, color=[f"C{i}" for i in range(len(names))])
+    for bar, h in zip(bars, heights):
+        ax.text(bar.get_x() + bar.get_width() / 2, h, fmt.format(h), ha="center", va="bottom", fontsize=8)
+    ax.set(title=title, ylabel=ylabel)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,85 @@
+"""BYOL in one plain PyTorch loop (no Lightning), for the lessons and their ablations.
+
+:class:`byol_nb.module.BYOLModule` is the real trainer. This loop uses the very same pieces
+(augmentation, networks, loss, EMA schedule) so that a notebook can switch one of them off and
+watch what happens in a minute on a CPU::
+
+    nets, history = train_minimal(images, steps=50)                       # BYOL
+    nets, history = train_minimal(images, steps=50, use_predictor=False)  # collapses
+    nets, history = train_minimal(images, steps=50, use_ema=False)        # target = online copy
+
+``history`` holds, per step, the loss, the momentum tau and the *spread* of the online
+projections (:meth:`byol_nb.module.BYOLModule.collapse_std`: about 1 for embeddings spread over
+the sphere, 0 when every image lands on the same point).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from byol_nb.augment import AugmentConfig, TwoViewAugment
+from byol_nb.ema import cosine_momentum, ema_update_
+from byol_nb.losses import symmetric_byol_loss
+from byol_nb.models import Backbone, BYOLNetworks
+from byol_nb.module import BYOLModule
+
+
+def byol_step(nets: BYOLNetworks, augment: TwoViewAugment, images: Tensor, use_predictor: bool = True,
+              seed: int | None = None) -> tuple[Tensor, Tensor]:
+    """Forward pass of one BYOL step: returns (loss, online projections of both views).
+
+    Without the predictor, view 1's projection must match view 2's target projection directly.
+    """
+    view1, view2 = augment(images, seed=seed)
+    both = torch.cat([view1.images, view2.images])
+    _, projection = nets.online(both)
+    prediction = nets.predictor(projection) if use_predictor else projection
+    with torch.no_grad():
+        _, target = nets.target(both)
+    p1, p2 = prediction.chunk(2)
+    z1, z2 = target.chunk(2)
+    return symmetric_byol_loss(p1, p2, z1, z2), projection
+
+
+def train_minimal(images: Tensor, steps: int, batch_size: int = 32, *, use_predictor: bool = True,
+                  use_ema: bool = True, tau_base: float = 0.99, lr: float = 0.05, hidden_dim: int = 256,
+                  out_dim: int = 64, backbone: str = "resnet18", seed: int = 0,
+                  callback: Callable[[int, dict[str, list[float]]], None] | None = None,
+                  ) -> tuple[BYOLNetworks, dict[str, list[float]]]:
+    """Train BYOL for ``steps`` SGD steps on a uint8 image tensor (N, 3, S, S); returns (nets, history).
+
+    ``use_ema=False`` sets tau = 0: after every step the target becomes an exact copy of the online
+    network (a stop-gradient but no moving average). ``callback(step, history)`` runs after each step.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 images (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
+    if len(images) < 2:
+        raise ValueError("need at least 2 images: BatchNorm cannot train on a batch of one")
+    torch.manual_seed(seed)
+    nets = BYOLNetworks(Backbone(backbone), hidden_dim, out_dim)
+    augment = TwoViewAugment(AugmentConfig(images.shape[-1]))
+    params: list[nn.Parameter] = list(nets.online.parameters())
+    if use_predictor:
+        params += list(nets.predictor.parameters())
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-5)
+    generator = torch.Generator().manual_seed(seed)
+    history: dict[str, list[float]] = {"loss": [], "spread": [], "tau": []}
+    batch_size = min(batch_size, len(images))
+    nets.train()
+    for step in range(steps):
+        index = torch.randperm(len(images), generator=generator)[:batch_size]
+        loss, projection = byol_step(nets, augment, images[index], use_predictor, seed=seed * 100_003 + step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        tau = cosine_momentum(step, steps, tau_base) if use_ema else 0.0
+        ema_update_(nets.target, nets.online, tau)
+        history["loss"].append(loss.item())
+        history["spread"].append(BYOLModule.collapse_std(projection.detach()).item())
+        history["tau"].append(tau)
+        if callback is not None:
+            callback(step, history)
+    return nets, history

@@ -1,0 +1,41 @@
+"""The plain-PyTorch BYOL loop the lessons use for ablations (byol_nb.minimal)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from byol_nb.minimal import train_minimal
+
+
+@pytest.fixture()
+def images() -> torch.Tensor:
+    return torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_history_and_schedule(images):
+    _, history = train_minimal(images, steps=3, batch_size=4, hidden_dim=16, out_dim=8)
+    assert set(history) == {"loss", "spread", "tau"}
+    assert all(len(v) == 3 for v in history.values())
+    assert history["tau"][0] == pytest.approx(0.99) and history["tau"][-1] > history["tau"][0]
+
+
+def test_without_ema_the_target_is_a_copy_of_the_online_network(images):
+    nets, history = train_minimal(images, steps=2, batch_size=4, hidden_dim=16, out_dim=8, use_ema=False)
+    assert history["tau"] == [0.0, 0.0]
+    for t, o in zip(nets.target.parameters(), nets.online.parameters()):
+        torch.testing.assert_close(t, o)
+        assert t.data_ptr() != o.data_ptr()
+
+
+def test_without_predictor_the_predictor_does_not_move(images):
+    torch.manual_seed(0)
+    nets, _ = train_minimal(images, steps=2, batch_size=4, hidden_dim=16, out_dim=8, use_predictor=False)
+    nets_ref, _ = train_minimal(images, steps=0, batch_size=4, hidden_dim=16, out_dim=8)
+    for a, b in zip(nets.predictor.parameters(), nets_ref.predictor.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_rejects_float_images():
+    with pytest.raises(ValueError, match="uint8"):
+        train_minimal(torch.rand(4, 3, 16, 16), steps=1)

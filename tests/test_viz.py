@@ -1,0 +1,82 @@
+"""The course's figure functions (byol_nb.viz), called directly as the notebooks' widgets call them."""
+
+from __future__ import annotations
+
+import matplotlib
+import pytest
+import torch
+
+from byol_nb import viz
+from byol_nb.augment import AugmentConfig, TwoViewAugment
+
+
+@pytest.fixture()
+def images() -> torch.Tensor:
+    return torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def _close(fig) -> None:
+    assert isinstance(fig, matplotlib.figure.Figure)
+    matplotlib.pyplot.close(fig)
+
+
+def test_image_grid_titles_and_layout(images):
+    fig = viz.image_grid(images, titles=[str(i) for i in range(6)], ncols=4, suptitle="x")
+    assert len(fig.axes) == 8  # 2 rows x 4 columns, last two blank
+    assert [ax.get_title() for ax in fig.axes[:6]] == [str(i) for i in range(6)]
+    _close(fig)
+
+
+def test_to_display_accepts_uint8_and_float(images):
+    a = viz.to_display(images[0])
+    b = viz.to_display(images[0].float() / 255)
+    assert a.shape == (32, 32, 3) and abs(a - b).max() < 1e-6 and a.max() <= 1
+
+
+def test_plot_views_draws_one_box_per_view_on_each_original(images):
+    view1, view2 = TwoViewAugment(AugmentConfig(32))(images, seed=0)
+    fig = viz.plot_views(images, view1, view2, n=4)
+    axes = fig.axes
+    assert len(axes) == 12
+    for ax in axes[:4]:
+        assert len(ax.patches) == 2
+    # a flipped view's box is dashed
+    styles = [p.get_linestyle() for p in axes[0].patches]
+    flips = [bool(view1.flips[0]), bool(view2.flips[0])]
+    assert [s == "--" for s in styles] == flips
+    _close(fig)
+
+
+def test_explorer_config_maps_sliders_to_the_recipe():
+    config = viz.explorer_config(32, crop_min_scale=0.5, jitter_strength=0.5, blur_p=0.3, solarize_p=0.2)
+    assert config.crop_scale == (0.5, 1.0)
+    assert config.jitter == pytest.approx((0.2, 0.2, 0.1, 0.05))
+    assert all(v.blur_p == 0.3 and v.solarize_p == 0.2 for v in config.views)
+    with pytest.raises(ValueError, match="crop_min_scale"):
+        viz.explorer_config(32, crop_min_scale=0)
+
+
+def test_augment_explorer_boxes_respect_the_crop_scale(images):
+    fig = viz.augment_explorer(images, crop_min_scale=1.0, jitter_strength=0, blur_p=0, solarize_p=0, seed=3)
+    for ax in fig.axes[:6]:
+        for patch in ax.patches:  # scale 1 and ratio 1 still allowed: the whole image (aspect may vary)
+            assert patch.get_width() * patch.get_height() == pytest.approx(32 * 32, rel=0.35)
+    _close(fig)
+
+
+def test_augment_explorer_is_reproducible_from_its_seed(images):
+    def pixels(seed):
+        fig = viz.augment_explorer(images, seed=seed)
+        data = fig.axes[6].images[0].get_array().copy()
+        _close(fig)
+        return data
+
+    assert (pixels(1) == pixels(1)).all()
+    assert not (pixels(1) == pixels(2)).all()
+
+
+def test_plot_lines_and_bars():
+    _close(viz.plot_lines({"a": [1, 2, 3], "b": ([0, 10], [3, 1])}, title="t", logy=True))
+    fig = viz.plot_bars({"x": 1.0, "y": 2.5}, fmt="{:.1f}")
+    assert [t.get_text() for t in fig.axes[0].texts] == ["1.0", "2.5"]
+    _close(fig)
