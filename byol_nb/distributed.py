@@ -1,0 +1,196 @@
+"""What changes when training runs in several processes: the global batch, and how to launch.
+
+Data-parallel training (DDP) runs one process per device. Each computes the loss on its own slice
+of the global batch and DDP *averages* the parameter gradients over processes. Three consequences:
+
+* **Per-sample losses need nothing.** BYOL's and PixPro's losses are means over this process's
+  samples; the average of N equal-sized means is the mean over the global batch, so N processes
+  with batch b give the gradients of one process with batch N x b.
+* **Losses that compare samples need the global batch** (contrastive negatives, statistics over the
+  batch). :func:`gather_with_grad` concatenates every process's tensor; its backward *sums* every
+  process's gradient for this process's slice, because each process's loss depends on every
+  slice. A backward that returns only its own slice of its own gradient drops the other
+  processes' terms (the trap in several public implementations). A mean whose count differs from
+  process to process (pixels with a positive pair) must divide by the global count:
+  :func:`global_mean`.
+* **BatchNorm normalises with per-process statistics** unless it is synchronised:
+  :func:`convert_sync_batchnorm` (on by default with more than one process, ``--no-sync-bn`` to
+  turn it off). PyTorch's SyncBatchNorm refuses CPU tensors; :class:`CPUSyncBatchNorm` is the CPU
+  (gloo) version, so CPU runs and tests are exact too.
+
+Launching: :func:`check_fork_safe` stops ``ddp_notebook`` before it forks a process that already
+holds CUDA; :func:`resolve_topology` takes devices and nodes from torchrun when it started us.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from lightning_fabric.plugins.environments import TorchElasticEnvironment
+from torch import Tensor, nn
+
+
+def world_size() -> int:
+    """Number of processes in the default group; 1 when torch.distributed is not initialised."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's global rank; 0 when torch.distributed is not initialised."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        # grad is d(this process's loss)/d(every slice). Summed over processes, slice r is
+        # d(sum of all losses)/d(x_r): exactly what process r needs. Cloned: all_reduce is in place.
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        size = grad.shape[0] // world_size()
+        return grad[rank() * size:(rank() + 1) * size]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every process along dim 0 (process 0's rows first), differentiably.
+
+    Every process must call it at the same point with the same shape (DDP's sampler with
+    ``drop_last`` gives equal batches). The identity in a single process.
+    """
+    return _GatherWithGrad.apply(x) if world_size() > 1 else x
+
+
+def global_mean(total: Tensor, count: Tensor) -> Tensor:
+    """``total / count`` where both are summed over processes, scaled for DDP's gradient average.
+
+    Returns ``total * N / sum(count)``: the N processes' values average to the global mean, so DDP's
+    averaged gradients equal one process's on the whole batch even when counts differ per process.
+    ``count`` carries no gradient; a global count of 0 is treated as 1.
+    """
+    count = count.detach().to(total.dtype)
+    if world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        return total * world_size() / count.clamp_min(1)
+    return total / count.clamp_min(1)
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm synchronised over processes on CPU (gloo), which PyTorch's SyncBatchNorm refuses
+    ("expected input tensor to be on GPU"; DDP also rejects it in CPU modules).
+
+    In training with several processes the batch statistics are combined from every process's
+    count, mean and variance (the parallel-variance formula) through :func:`gather_with_grad`, so
+    gradients flow into the other processes' inputs as with PyTorch's SyncBatchNorm on GPUs. In
+    one process or in eval mode it is plain BatchNorm. Same parameters and buffers as BatchNorm.
+    """
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (batch, channels, ...), got {x.dim()}D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        local = torch.cat([x.mean(dims), x.var(dims, unbiased=False), x.new_full((1,), x.numel() // channels)])
+        stats = gather_with_grad(local.unsqueeze(0))  # (processes, 2C + 1)
+        means, variances, counts = stats[:, :channels], stats[:, channels:-1], stats[:, -1:].detach()
+        total = counts.sum()
+        mean = (counts * means).sum(0) / total
+        var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean, factor)
+                self.running_var.lerp_(var * total / (total - 1).clamp_min(1), factor)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "CPUSyncBatchNorm":
+        """The same layer (shared parameters, copied buffers, same momentum and mode), synchronised."""
+        layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        if bn.affine:
+            layer.weight, layer.bias = bn.weight, bn.bias
+        if bn.track_running_stats:
+            layer.running_mean, layer.running_var = bn.running_mean, bn.running_var
+            layer.num_batches_tracked = bn.num_batches_tracked
+        return layer.train(bn.training)
+
+
+def convert_sync_batchnorm(module: nn.Module, cpu: bool = True) -> nn.Module:
+    """Replace every BatchNorm layer of ``module`` by a synchronised one that keeps its parameters,
+    buffers and momentum (the target network's momentum 0 included): :class:`CPUSyncBatchNorm` for
+    CPU training, PyTorch's fused ``nn.SyncBatchNorm`` otherwise. Children are replaced in place;
+    the return value matters only when ``module`` itself is a BatchNorm layer.
+
+    Call it before the optimizer and the DDP wrapper exist (BYOLModule does, in ``setup``).
+    """
+    if not cpu:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
+        return CPUSyncBatchNorm.from_batchnorm(module)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child))
+    return module
+
+
+class ForkAfterCudaError(RuntimeError):
+    """ddp_notebook / ddp_fork was asked for in a process where CUDA is already initialised."""
+
+
+def _forks(strategy: object) -> bool:
+    if isinstance(strategy, str):
+        return "notebook" in strategy or "fork" in strategy
+    return getattr(strategy, "_start_method", None) in ("fork", "forkserver")
+
+
+def check_fork_safe(strategy: object, call: str = "trainer.fit") -> None:
+    """Raise :class:`ForkAfterCudaError` at once if ``strategy`` forks and this process holds CUDA.
+
+    A forked child cannot use CUDA once its parent initialised it; without this check the failure
+    comes from deep inside each child ("Cannot re-initialize CUDA in forked subprocess"), after the
+    fork. Call it in the notebook right before ``trainer.fit`` (``python -m byol_nb.train`` does).
+    """
+    if not _forks(strategy):
+        return
+    bad_fork = getattr(torch.cuda, "_is_in_bad_fork", lambda: False)()
+    if torch.cuda.is_initialized() or bad_fork:
+        name = strategy if isinstance(strategy, str) else type(strategy).__name__
+        raise ForkAfterCudaError(
+            f"{call} with strategy={name!r} forks its worker processes, but CUDA is already initialised "
+            f"in this process (an earlier torch.cuda call, or a model or tensor moved to the GPU) and a "
+            f"forked process cannot use CUDA again. Restart the kernel and start training before anything "
+            f"touches the GPU, or train in a separate process: byol_nb.launch(devices=N, ...) in a "
+            f"notebook, or python -m byol_nb.train --devices N --strategy ddp in a terminal.")
+
+
+def resolve_topology(devices: str, num_nodes: int) -> tuple[int | str, int]:
+    """(devices per node, nodes) for the Trainer: from torchrun when it started this process
+    (``--nproc-per-node``, ``--nnodes``), otherwise from ``--devices`` and ``--num-nodes``.
+
+    Raises ValueError when explicit flags disagree with torchrun, naming both.
+    """
+    requested: int | str = devices if devices == "auto" else int(devices)
+    if not TorchElasticEnvironment.detect():
+        return requested, num_nodes
+    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+    nodes = int(os.environ["WORLD_SIZE"]) // per_node
+    if requested not in ("auto", 1, per_node) or num_nodes not in (1, nodes):
+        raise ValueError(f"--devices {devices} --num-nodes {num_nodes} disagree with torchrun's "
+                         f"--nproc-per-node {per_node} --nnodes {nodes}: leave --devices and --num-nodes "
+                         f"out under torchrun, they come from torchrun")
+    return per_node, nodes
