@@ -195,7 +195,7 @@ def test_fork_guard_names_the_call_and_the_remedy(monkeypatch: pytest.MonkeyPatc
 def test_topology_comes_from_torchrun_when_it_started_us(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_topology("2", 1) == (2, 1)
     for name, value in {"RANK": "3", "GROUP_RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                        "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}.items():
+                        "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "test", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}.items():
         monkeypatch.setenv(name, value)
     assert resolve_topology("1", 1) == (2, 2)
     with pytest.raises(ValueError, match="nproc-per-node 2"):
