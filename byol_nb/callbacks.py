@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytorch_lightning as pl
@@ -35,3 +36,27 @@ class ThroughputMonitor(pl.Callback):
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+
+class FailureInjection(pl.Callback):
+    """Makes one process raise at a given step, to test that a failing process ends a
+    multi-process job (non-zero exit, its error shown) instead of leaving the others hanging.
+
+    Enabled only by the environment variable ``BYOL_NB_FAIL_AT_STEP=k`` (read by ``train.main``):
+    the last process (global rank world_size - 1) raises at the start of global step ``k``.
+    """
+
+    ENV = "BYOL_NB_FAIL_AT_STEP"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @classmethod
+    def from_env(cls) -> "FailureInjection | None":
+        value = os.environ.get(cls.ENV)
+        return cls(int(value)) if value else None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == trainer.world_size - 1:
+            raise RuntimeError(f"{self.ENV}={self.step}: injected failure in process {trainer.global_rank} "
+                               f"of {trainer.world_size}")
