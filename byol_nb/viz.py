@@ -171,3 +171,61 @@ def plot_bars(values: dict[str, float], title: str = "", ylabel: str = "", fmt: 
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     return fig
+
+
+def image_rows(rows: dict[str, "torch.Tensor"], size: float = 1.2):
+    """One row of images (N, 3, H, W) per entry, the entry's name written left of the row."""
+    ncols = max(len(images) for images in rows.values())
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(size * ncols + 1.0, size * len(rows)), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(images):
+                ax.imshow(to_display(images[c]), interpolation="nearest")
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+MASK_COLOURS = np.array([[0, 0, 0], [228, 26, 28], [55, 126, 184], [77, 175, 74], [152, 78, 163],
+                         [255, 127, 0], [255, 255, 51], [166, 86, 40], [247, 129, 191], [153, 153, 153]],
+                        dtype=np.float64) / 255
+
+
+def colour_mask(mask: "torch.Tensor | np.ndarray") -> np.ndarray:
+    """An integer mask (H, W), 0 = background, as an (H, W, 3) RGB array (black background)."""
+    mask = np.asarray(mask, dtype=np.int64)
+    return MASK_COLOURS[mask % len(MASK_COLOURS)]
+
+
+def plot_image_masks(images: "torch.Tensor", masks: "torch.Tensor | np.ndarray", titles: list[str] | None = None,
+                     size: float = 1.5):
+    """Images (N, 3, H, W) above their segmentation masks (N, H, W)."""
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(size * n, size * 2 + 0.2), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(to_display(images[i]), interpolation="nearest")
+        axes[1, i].imshow(colour_mask(masks[i]), interpolation="nearest")
+        if titles is not None:
+            axes[0, i].set_title(titles[i], fontsize=8)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_box_sets(box_sets: dict[str, "torch.Tensor"], size: float = 3.0):
+    """Crop boxes (N, 4) in [0, 1] coordinates drawn over a unit square, one panel per entry."""
+    fig, axes = plt.subplots(1, len(box_sets), figsize=(size * len(box_sets), size), squeeze=False)
+    for ax, (name, boxes) in zip(axes[0], box_sets.items()):
+        for i, box in enumerate(boxes):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=f"C{i % 10}", linewidth=1.5))
+        ax.set(xlim=(0, 1), ylim=(1, 0), aspect="equal", title=name)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig

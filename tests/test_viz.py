@@ -80,3 +80,24 @@ def test_plot_lines_and_bars():
     fig = viz.plot_bars({"x": 1.0, "y": 2.5}, fmt="{:.1f}")
     assert [t.get_text() for t in fig.axes[0].texts] == ["1.0", "2.5"]
     _close(fig)
+
+
+def test_image_rows_one_row_per_entry(images):
+    fig = viz.image_rows({"a": images[:3], "b": images[:5]})
+    assert len(fig.axes) == 10 and fig.axes[0].get_ylabel() == "a" and fig.axes[5].get_ylabel() == "b"
+    _close(fig)
+
+
+def test_colour_mask_background_black_and_classes_distinct():
+    mask = torch.tensor([[0, 1], [2, 3]])
+    rgb = viz.colour_mask(mask)
+    assert rgb.shape == (2, 2, 3) and (rgb[0, 0] == 0).all()
+    assert len({tuple(rgb[i, j]) for i in range(2) for j in range(2)}) == 4
+    _close(viz.plot_image_masks(torch.zeros(2, 3, 2, 2, dtype=torch.uint8), torch.stack([mask, mask]), ["x", "y"]))
+
+
+def test_plot_box_sets_draws_every_box():
+    fig = viz.plot_box_sets({"a": torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 1.0, 1.0]]),
+                             "b": torch.tensor([[0.1, 0.1, 0.9, 0.9]])})
+    assert [len(ax.patches) for ax in fig.axes] == [2, 1]
+    _close(fig)
