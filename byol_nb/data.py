@@ -26,7 +26,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from byol_nb import shapes
 
@@ -258,6 +258,33 @@ def dataset_labels(dataset: Dataset) -> list[int]:
     return list(getattr(dataset, "labels"))
 
 
+class ResumableSampler(DistributedSampler):
+    """Shuffled training order that a resumed run replays exactly, on one process or many.
+
+    The order of epoch ``e`` is a permutation seeded with ``seed + e`` (nothing else), split across
+    processes as :class:`~torch.utils.data.DistributedSampler` does: each rank takes every
+    ``num_replicas``-th index, so ranks see different images, and ``set_epoch`` reshuffles. After
+    :meth:`start_at` the next pass starts part-way through its epoch, skipping the batches an
+    interrupted run already trained on. Being a DistributedSampler, Lightning keeps it under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self._resume: tuple[int, int] | None = None
+
+    def start_at(self, epoch: int, skip: int) -> None:
+        """Make the next pass over ``epoch`` begin after its first ``skip`` samples (of this rank)."""
+        self.set_epoch(epoch)
+        self._resume = (epoch, skip)
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        if self._resume is not None and self._resume[0] == self.epoch:
+            indices = indices[self._resume[1]:]
+        self._resume = None
+        return iter(indices)
+
+
 class SSLDataModule(pl.LightningDataModule):
     """Training images (labels ignored) plus, optionally, a labeled bank and queries for kNN.
 
@@ -266,11 +293,11 @@ class SSLDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, data: str, val_data: str | None, image_size: int, batch_size: int,
-                 num_workers: int = 0, monitor_size: int = 2000) -> None:
+                 num_workers: int = 0, monitor_size: int = 2000, seed: int = 0) -> None:
         super().__init__()
         self.spec = resolve_data(data, val_data)
         self.image_size, self.batch_size = image_size, batch_size
-        self.num_workers, self.monitor_size = num_workers, monitor_size
+        self.num_workers, self.monitor_size, self.seed = num_workers, monitor_size, seed
         self.train_set: Dataset | None = None
         self.bank_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -292,12 +319,24 @@ class SSLDataModule(pl.LightningDataModule):
                                 f"per class for the kNN monitor; leave --val-data out for unlabeled data")
             self.bank_set = _subset(bank, self.monitor_size)
             self.val_set = _subset(self.val_set, self.monitor_size)
-        if len(self.train_set) < self.batch_size:
-            raise DataError(f"{self.spec.train!r} has {len(self.train_set)} usable image(s), fewer than one "
-                            f"batch of {self.batch_size}; lower --batch-size or add images")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if len(self.train_set) // world < self.batch_size:
+            split = f", split over {world} processes," if world > 1 else ","
+            raise DataError(f"{self.spec.train!r} has {len(self.train_set)} usable image(s){split} fewer than one "
+                            f"batch of {self.batch_size} per process; lower --batch-size or add images")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+        """Batches in :class:`ResumableSampler` order, starting where the run's global step says.
+
+        One optimizer step consumes one batch, so a run resumed at global step ``k`` continues
+        with batch ``k % steps_per_epoch`` of epoch ``k // steps_per_epoch``, as if never stopped.
+        """
+        trainer = self.trainer
+        world, rank, step = (trainer.world_size, trainer.global_rank, trainer.global_step) if trainer else (1, 0, 0)
+        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, seed=self.seed)
+        epoch, batch = divmod(step, len(sampler) // self.batch_size)
+        sampler.start_at(epoch, batch * self.batch_size)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 

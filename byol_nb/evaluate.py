@@ -100,7 +100,7 @@ def evaluate_backbone(backbone: nn.Module, train: Dataset, test: Dataset, task: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from byol_nb.checkpoint import load_backbone
+    from byol_nb.checkpoint import load_backbone, read_backbone_file
 
     parser = argparse.ArgumentParser(prog="python -m byol_nb.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", required=True, help="backbone.pt written by byol_nb.train")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         backbone = load_backbone(args.backbone).to(args.device)
-        size = args.image_size or int(torch.load(args.backbone, weights_only=True).get("image_size", 32))
+        size = args.image_size or int(read_backbone_file(args.backbone).get("image_size", 32))
         score = evaluate_backbone(backbone, open_dataset(args.train, size), open_dataset(args.test, size),
                                   args.task, args.device)
     except (DataError, FileNotFoundError, ValueError) as error:

@@ -111,10 +111,16 @@ class BYOLModule(pl.LightningModule):
     def current_tau(self) -> float:
         return cosine_momentum(self.global_step, self.total_steps(), self.config.tau_base)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Lightning has already stepped the optimizer and incremented global_step: the update that
-        # follows optimizer step k uses tau_k.
-        tau = cosine_momentum(self.global_step - 1, self.total_steps(), self.config.tau_base)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then the target's EMA update, as one step.
+
+        Updating the target here rather than in a later hook means every checkpoint (written every
+        N steps or on a signal, from callbacks' ``on_train_batch_end``) holds online and target
+        networks of the same step, so a resumed run is exact. ``global_step`` is incremented only
+        after this hook: the update that follows optimizer step k (from 0) uses tau_k.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        tau = cosine_momentum(self.global_step, self.total_steps(), self.config.tau_base)
         ema_update_(self.nets.target, self.nets.online, tau)
 
     def configure_optimizers(self):

@@ -24,12 +24,13 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from byol_nb.callbacks import ThroughputMonitor
-from byol_nb.checkpoint import save_backbone
+from byol_nb.checkpoint import AtomicCheckpointIO, CheckpointError, check_resume, save_backbone
 from byol_nb.data import DataError, SSLDataModule
 from byol_nb.evaluate import evaluate_backbone
 from byol_nb.models import BACKBONES
 from byol_nb.module import METHODS, BYOLModule, TrainConfig, check_config
 from byol_nb.optim import OPTIMIZERS
+from byol_nb.resume import LastCheckpoint, requeue_slurm_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/byol", help="output folder")
     run.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
+    run.add_argument("--save-every-n-steps", type=int, default=200,
+                     help="write OUT/last.ckpt every N optimizer steps (also at the end, and on SIGTERM/SIGUSR1)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar (logs only)")
     return p
 
@@ -93,12 +96,15 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Stop before any work with one clear line for values that cannot work."""
-    if args.batch_size <= 0:
-        raise SystemExit(f"error: --batch-size must be positive, got {args.batch_size}")
-    for flag in ("max_epochs", "max_steps"):
+    for flag in ("batch_size", "max_epochs", "max_steps", "save_every_n_steps", "num_nodes", "proj_hidden",
+                 "proj_dim"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive, got {value}")
+    if args.num_workers < 0:
+        raise SystemExit(f"error: --num-workers must be 0 or more, got {args.num_workers}")
+    _check_devices(args.devices, args.accelerator)
+    _check_writable(Path(args.out))
     if args.image_size < 8:
         raise SystemExit(f"error: --image-size must be at least 8, got {args.image_size}")
     if args.lr <= 0:
@@ -107,6 +113,34 @@ def validate_args(args: argparse.Namespace) -> None:
         check_config(config_from_args(args))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def _check_devices(devices: str, accelerator: str) -> None:
+    """--devices is 'auto' or a positive count that the machine has (GPUs; CPU processes may
+    outnumber cores, which is how tests run several processes)."""
+    if devices == "auto":
+        return
+    if not devices.isdigit() or int(devices) <= 0:
+        raise SystemExit(f"error: --devices must be a positive number or 'auto', got {devices!r}")
+    gpus = torch.cuda.device_count()  # asks the driver without initialising CUDA in this process
+    if accelerator == "gpu" and gpus == 0:
+        raise SystemExit("error: --accelerator gpu but this machine shows no GPU (torch.cuda.device_count() is 0): "
+                         "use --accelerator cpu, or check the driver and CUDA_VISIBLE_DEVICES")
+    if accelerator in ("gpu", "auto") and 0 < gpus < int(devices):
+        raise SystemExit(f"error: --devices {devices} but this machine has {gpus} GPU(s): "
+                         f"use --devices {gpus} or fewer (per node)")
+
+
+def _check_writable(out: Path) -> None:
+    """Fail now, not after hours of training, when the output folder cannot take files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise SystemExit(f"error: cannot write to --out {str(out)!r} ({error.strerror or error}): "
+                         f"choose a folder you can write to") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,30 +153,40 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # Lightning cannot see that ResumableSampler continues mid-epoch exactly; it does.
+    warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
 
-    datamodule = SSLDataModule(args.data, args.val_data, args.image_size, args.batch_size, args.num_workers)
+    datamodule = SSLDataModule(args.data, args.val_data, args.image_size, args.batch_size, args.num_workers,
+                               seed=config.seed)
     module = BYOLModule(config)
     initial_backbone = copy.deepcopy(module.backbone.state_dict())
+    resume_from = out / "last.ckpt" if args.resume else None
+    if resume_from is not None:
+        _check_resume(resume_from, config, module)
     throughput = ThroughputMonitor()
-    callbacks: list[pl.Callback] = [throughput, ModelCheckpoint(dirpath=out, filename="best", monitor="knn_top1",
-                                                                mode="max", save_last=True, enable_version_counter=False)]
-    if datamodule.spec.val is None:
-        callbacks[1] = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0, enable_version_counter=False)
+    last = LastCheckpoint(out / "last.ckpt", args.save_every_n_steps)
+    callbacks: list[pl.Callback] = [throughput, last]
+    if datamodule.spec.val is not None:
+        callbacks.append(ModelCheckpoint(dirpath=out, filename="best", monitor="knn_top1", mode="max",
+                                         enable_version_counter=False))
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices if args.devices == "auto" else int(args.devices),
         num_nodes=args.num_nodes, strategy=args.strategy,
         precision=resolve_precision(args.precision, args.accelerator),
         max_epochs=args.max_epochs if args.max_steps is None else -1, max_steps=args.max_steps or -1,
-        callbacks=callbacks, logger=CSVLogger(out, name="logs", version=""), log_every_n_steps=10,
+        callbacks=callbacks, enable_checkpointing=datamodule.spec.val is not None, plugins=[AtomicCheckpointIO()],
+        logger=CSVLogger(out, name="logs", version=""), log_every_n_steps=10,
         enable_progress_bar=not args.no_progress, enable_model_summary=False, deterministic=False,
         num_sanity_val_steps=0)
-    resume_from = out / "last.ckpt" if args.resume else None
-    if resume_from is not None and not resume_from.exists():
-        raise SystemExit(f"error: --resume given but {resume_from} does not exist; drop --resume to start fresh")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     wall = time.perf_counter() - started
     if not trainer.is_global_zero:
+        return 0
+    if last.stopped_by is not None:
+        requeued = last.stopped_by == "SIGUSR1" and requeue_slurm_job()
+        print(f"\nstopped by {last.stopped_by} after step {trainer.global_step}: saved {out / 'last.ckpt'}; "
+              + ("the SLURM job is requeued" if requeued else "continue with the same command and --resume"))
         return 0
 
     metrics = {"method": config.method, "global_step": trainer.global_step, "epochs": trainer.current_epoch,
@@ -160,6 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     _plot_curves(out)
     _report(out, metrics)
     return 0
+
+
+def _check_resume(path: Path, config: TrainConfig, module: BYOLModule) -> None:
+    """Stop with one line when OUT/last.ckpt is missing, unsafe or from another architecture; warn
+    when other settings changed (the continuation is then not the interrupted run)."""
+    if not path.is_file():
+        raise SystemExit(f"error: --resume given but {path} does not exist; drop --resume to start fresh")
+    try:
+        changed = check_resume(path, asdict(config), module.state_dict())
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
+    if changed:
+        warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}): the run will not "
+                      f"match one that was never interrupted", stacklevel=2)
 
 
 def _last_logged(trainer: pl.Trainer, key: str) -> float | None:

@@ -1,0 +1,95 @@
+"""Keeping a run resumable: OUT/last.ckpt every N steps, at the end, and when the job is told to stop.
+
+A run can end at any moment: a SIGKILL, a pre-empted cluster job, a time limit. ``--resume``
+continues from ``last.ckpt`` exactly (see :class:`byol_nb.data.ResumableSampler` for the data
+order and :meth:`byol_nb.module.BYOLModule.augment_seed` for the views), so the only work lost to a
+SIGKILL is the steps since the last save. SIGTERM (pre-emption) and SIGUSR1 (SLURM's warning
+before the time limit, ``#SBATCH --signal=USR1@120``) lose nothing: the step in flight finishes,
+``last.ckpt`` is written, and the process exits cleanly with status 0. After SIGUSR1 under SLURM
+the job is also put back in the queue (``scontrol requeue``), to continue with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class LastCheckpoint(pl.Callback):
+    """Writes ``path`` every ``every_n_steps`` optimizer steps, at the end of training, and after
+    the step during which SIGTERM or SIGUSR1 arrived; then it stops the trainer.
+
+    Saving happens at the end of a training batch, a point Lightning's loops restore exactly.
+    The stop decision is shared by all processes (any rank's signal stops every rank at the
+    same step), since a signal may reach only one of them (``kill`` of the launching process).
+    ``stopped_by`` names the signal afterwards, or is None when training ran to its end.
+    """
+
+    def __init__(self, path: str | Path, every_n_steps: int) -> None:
+        if every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
+        self.path, self.every_n_steps = Path(path), every_n_steps
+        self.stopped_by: str | None = None
+        self._received = 0
+        self._saved_step = -1
+        self._previous_handlers: dict[int, object] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning installs its own SIGTERM handler just before this hook; it would raise from the
+        # loop without saving. Ours replaces it while training runs, and on_train_end puts it back.
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._received = int(signum)  # acted on at the end of the current step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        received = torch.tensor(self._received, device=pl_module.device)
+        signum = int(trainer.strategy.reduce(received, reduce_op=torch.distributed.ReduceOp.MAX))
+        if signum or trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+        if signum:
+            self.stopped_by = signal.Signals(signum).name
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        self._previous_handlers.clear()
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if trainer.global_step != self._saved_step:
+            trainer.save_checkpoint(self.path, weights_only=False)  # every rank calls it; rank 0 writes
+            self._saved_step = trainer.global_step
+
+
+def requeue_slurm_job() -> bool:
+    """Put this SLURM job back in the queue (``scontrol requeue``); False outside SLURM or on failure.
+
+    The job script then starts the same command again and it continues with ``--resume``.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        rank_zero_warn(f"could not requeue SLURM job {job}: {error}; resubmit it with --resume")
+        return False
+    if result.returncode != 0:
+        rank_zero_warn(f"scontrol requeue {job} failed ({result.stderr.strip()}); resubmit it with --resume")
+    return result.returncode == 0
