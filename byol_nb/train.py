@@ -104,7 +104,6 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.num_workers < 0:
         raise SystemExit(f"error: --num-workers must be 0 or more, got {args.num_workers}")
     _check_devices(args.devices, args.accelerator)
-    _check_writable(Path(args.out))
     if args.image_size < 8:
         raise SystemExit(f"error: --image-size must be at least 8, got {args.image_size}")
     if args.lr <= 0:
@@ -113,6 +112,7 @@ def validate_args(args: argparse.Namespace) -> None:
         check_config(config_from_args(args))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    _check_writable(Path(args.out))  # last: it creates the folder
 
 
 def _check_devices(devices: str, accelerator: str) -> None:

@@ -1,0 +1,84 @@
+"""Bad flags and settings stop before any training with one clear line each."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from byol_nb import train
+from byol_nb.data import DataError, SSLDataModule
+
+
+def _stop(tmp_path, *flags: str) -> str:
+    """The message train.main stops with; it must come before any output folder work or training."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--out", str(tmp_path / "out"), "--accelerator", "cpu", *flags])
+    message = str(stop.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--batch-size", "-4"], "--batch-size must be positive, got -4"),
+    (["--max-steps", "0"], "--max-steps must be positive, got 0"),
+    (["--max-epochs", "-1"], "--max-epochs must be positive, got -1"),
+    (["--save-every-n-steps", "0"], "--save-every-n-steps must be positive, got 0"),
+    (["--num-workers", "-1"], "--num-workers must be 0 or more, got -1"),
+    (["--image-size", "4"], "--image-size must be at least 8, got 4"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--devices", "0"], "--devices must be a positive number or 'auto', got '0'"),
+    (["--devices", "two"], "--devices must be a positive number or 'auto', got 'two'"),
+    (["--method", "pixpro", "--image-size", "32"], "needs a feature map of at least 2x2 cells"),
+])
+def test_bad_value_gets_its_message(tmp_path, flags, expected):
+    assert expected in _stop(tmp_path, *flags)
+    assert not (tmp_path / "out").exists(), "a rejected run must not create its output folder"
+
+
+def test_gpu_flag_without_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    message = _stop(tmp_path, "--accelerator", "gpu")
+    assert "shows no GPU" in message and "--accelerator cpu" in message
+
+
+def test_more_devices_than_the_machine_has(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert "--devices 4 but this machine has 2 GPU(s): use --devices 2 or fewer" in _stop(
+        tmp_path, "--accelerator", "gpu", "--devices", "4")
+
+
+def test_output_folder_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    message = _stop(tmp_path, "--out", str(blocker / "run"))
+    assert f"cannot write to --out {str(blocker / 'run')!r}" in message and "choose a folder" in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to read-only folders")
+def test_read_only_output_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert "cannot write to --out" in _stop(tmp_path, "--out", str(locked))
+
+
+@pytest.mark.parametrize("flag, value, choices", [("--backbone", "resnet9", "resnet18"),
+                                                  ("--method", "simclr", "byol")])
+def test_unknown_backbone_or_method_names_the_choices(tmp_path, capsys, flag, value, choices):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--out", str(tmp_path / "out"), flag, value])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"invalid choice: '{value}'" in error and choices in error
+
+
+def test_batch_larger_than_each_process_share_of_the_data(tiny_shapes):
+    """48 images over 8 processes is 6 each: fewer than one batch of 8 per process."""
+    datamodule = SSLDataModule(str(tiny_shapes / "train"), None, 32, batch_size=8)
+    datamodule.trainer = SimpleNamespace(world_size=8)
+    with pytest.raises(DataError, match=r"48 usable image\(s\), split over 8 processes, fewer than one batch "
+                                        r"of 8 per process"):
+        datamodule.setup("fit")
