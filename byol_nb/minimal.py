@@ -8,9 +8,10 @@ watch what happens in a minute on a CPU::
     nets, history = train_minimal(images, steps=50, use_predictor=False)  # collapses
     nets, history = train_minimal(images, steps=50, use_ema=False)        # target = online copy
 
-``history`` holds, per step, the loss, the momentum tau and the *spread* of the online
-projections (:meth:`byol_nb.module.BYOLModule.collapse_std`: about 1 for embeddings spread over
-the sphere, 0 when every image lands on the same point).
+``history`` holds, per step, the loss, the momentum tau and the spread of the online projections
+(``collapse_std``, :meth:`byol_nb.module.BYOLModule.collapse_std`: about 1 for embeddings spread
+over the sphere, 0 when every image lands on the same point); with ``monitor`` also the kNN
+accuracy of the backbone (``knn_step``, ``knn``), as the Lightning trainer logs them.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from byol_nb.augment import AugmentConfig, TwoViewAugment
 from byol_nb.ema import cosine_momentum, ema_update_
+from byol_nb.evaluate import extract_features, knn_top1
 from byol_nb.losses import symmetric_byol_loss
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.module import BYOLModule
@@ -47,12 +50,15 @@ def byol_step(nets: BYOLNetworks, augment: TwoViewAugment, images: Tensor, use_p
 def train_minimal(images: Tensor, steps: int, batch_size: int = 32, *, use_predictor: bool = True,
                   use_ema: bool = True, tau_base: float = 0.99, lr: float = 0.05, hidden_dim: int = 256,
                   out_dim: int = 64, backbone: str = "resnet18", seed: int = 0,
+                  monitor: tuple[Dataset, Dataset] | None = None, monitor_every: int = 10,
                   callback: Callable[[int, dict[str, list[float]]], None] | None = None,
                   ) -> tuple[BYOLNetworks, dict[str, list[float]]]:
     """Train BYOL for ``steps`` SGD steps on a uint8 image tensor (N, 3, S, S); returns (nets, history).
 
     ``use_ema=False`` sets tau = 0: after every step the target becomes an exact copy of the online
-    network (a stop-gradient but no moving average). ``callback(step, history)`` runs after each step.
+    network (a stop-gradient but no moving average). ``monitor=(bank, queries)``, two labeled
+    datasets, scores the backbone with kNN before training, every ``monitor_every`` steps and at the
+    end. ``callback(step, history)`` runs after each step.
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 images (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
@@ -66,9 +72,20 @@ def train_minimal(images: Tensor, steps: int, batch_size: int = 32, *, use_predi
         params += list(nets.predictor.parameters())
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-5)
     generator = torch.Generator().manual_seed(seed)
-    history: dict[str, list[float]] = {"loss": [], "spread": [], "tau": []}
+    history: dict[str, list[float]] = {"loss": [], "collapse_std": [], "tau": []}
+    if monitor is not None:
+        history.update(knn_step=[], knn=[])
+
+    def score(step: int) -> None:
+        bank_x, bank_y = extract_features(nets.backbone, monitor[0])
+        query_x, query_y = extract_features(nets.backbone, monitor[1])
+        history["knn_step"].append(step)
+        history["knn"].append(knn_top1(bank_x, bank_y, query_x, query_y))
+
     batch_size = min(batch_size, len(images))
     nets.train()
+    if monitor is not None:
+        score(0)
     for step in range(steps):
         index = torch.randperm(len(images), generator=generator)[:batch_size]
         loss, projection = byol_step(nets, augment, images[index], use_predictor, seed=seed * 100_003 + step)
@@ -78,8 +95,10 @@ def train_minimal(images: Tensor, steps: int, batch_size: int = 32, *, use_predi
         tau = cosine_momentum(step, steps, tau_base) if use_ema else 0.0
         ema_update_(nets.target, nets.online, tau)
         history["loss"].append(loss.item())
-        history["spread"].append(BYOLModule.collapse_std(projection.detach()).item())
+        history["collapse_std"].append(BYOLModule.collapse_std(projection.detach()).item())
         history["tau"].append(tau)
+        if monitor is not None and ((step + 1) % monitor_every == 0 or step + 1 == steps):
+            score(step + 1)
         if callback is not None:
             callback(step, history)
     return nets, history

@@ -229,3 +229,15 @@ def plot_box_sets(box_sets: dict[str, "torch.Tensor"], size: float = 3.0):
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
+
+
+def plot_matrix(matrix: "torch.Tensor | np.ndarray", title: str = "", xlabel: str = "", ylabel: str = "",
+                vmin: float | None = -1, vmax: float | None = 1, size: float = 3.2):
+    """A heat map with a colour bar, e.g. cosine similarities between two sets of embeddings."""
+    matrix = matrix.detach().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(size * 1.2, size))
+    shown = ax.imshow(matrix, cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.tight_layout()
+    return fig

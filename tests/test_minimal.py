@@ -15,7 +15,7 @@ def images() -> torch.Tensor:
 
 def test_history_and_schedule(images):
     _, history = train_minimal(images, steps=3, batch_size=4, hidden_dim=16, out_dim=8)
-    assert set(history) == {"loss", "spread", "tau"}
+    assert set(history) == {"loss", "collapse_std", "tau"}
     assert all(len(v) == 3 for v in history.values())
     assert history["tau"][0] == pytest.approx(0.99) and history["tau"][-1] > history["tau"][0]
 
@@ -39,3 +39,12 @@ def test_without_predictor_the_predictor_does_not_move(images):
 def test_rejects_float_images():
     with pytest.raises(ValueError, match="uint8"):
         train_minimal(torch.rand(4, 3, 16, 16), steps=1)
+
+
+def test_knn_monitor_scores_before_during_and_after(images):
+    labeled = torch.utils.data.TensorDataset(images, torch.arange(8) % 2)
+    labeled.labels = (torch.arange(8) % 2).tolist()
+    _, history = train_minimal(images, steps=3, batch_size=4, hidden_dim=16, out_dim=8,
+                               monitor=(labeled, labeled), monitor_every=2)
+    assert history["knn_step"] == [0, 2, 3]
+    assert all(0 <= v <= 100 for v in history["knn"])

@@ -101,3 +101,10 @@ def test_plot_box_sets_draws_every_box():
                              "b": torch.tensor([[0.1, 0.1, 0.9, 0.9]])})
     assert [len(ax.patches) for ax in fig.axes] == [2, 1]
     _close(fig)
+
+
+def test_plot_matrix_keeps_the_values():
+    m = torch.eye(3)
+    fig = viz.plot_matrix(m, title="cos")
+    assert (fig.axes[0].images[0].get_array() == m.numpy()).all() and fig.axes[0].get_title() == "cos"
+    _close(fig)
