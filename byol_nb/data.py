@@ -60,10 +60,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
-    """Decode ``path`` to a uint8 (size, size, 3) array: shorter side resized to ``size``, centre crop.
+    """Decode ``path`` to a uint8 (size, size, 3) array: the centre square, resized to ``size``.
 
     Raises :class:`UnreadableImage` for anything PIL cannot fully decode, including decompression
     bombs (images over ``PIL.Image.MAX_IMAGE_PIXELS``), so a caller can skip the file and count it.
+    Cropping before resizing keeps the work at size x size pixels whatever the aspect ratio (a
+    1 x 100000 strip would otherwise be upscaled to size x 100000 size first).
     """
     try:
         with warnings.catch_warnings():
@@ -75,11 +77,10 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
             Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnreadableImage(f"{path}: {error}") from error
     width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
+                                   reducing_gap=3.0))
 
 
 def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
