@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -19,3 +20,116 @@ def symmetric_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tenso
     gather: DDP's gradient averaging already gives the global-batch mean.
     """
     return (byol_loss(p1, z2) + byol_loss(p2, z1)).mean()
+
+
+# ---- PixPro: pixel-level losses -----------------------------------------------------------------
+#
+# Feature-map cells are numbered row-major: cell ``r * W + c`` is row ``r`` (top to bottom), column
+# ``c`` (left to right) of an (H, W) map, i.e. the order of ``fmap.flatten(2)``. Every mask and
+# pixel loss below uses that order.
+
+
+def _cell_centres(boxes: Tensor, flips: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Centres (x, y), each (B, H*W), of a view's feature-map cells in original-image coordinates,
+    and each cell's diagonal (B, 1, 1), in the official code's arithmetic order.
+
+    A flip swaps the box's x0 and x1 (as the official ``RandomHorizontalFlipCoord`` does), which makes
+    the bin width negative: column 0 of a mirrored view then sits at the box's right edge.
+    """
+    height, width = size
+    x0, y0, x1, y1 = boxes.unbind(1)
+    x_start, x_end = torch.where(flips, x1, x0), torch.where(flips, x0, x1)
+    bin_w = ((x_end - x_start) / width).view(-1, 1, 1)
+    bin_h = ((y1 - y0) / height).view(-1, 1, 1)
+    cols = torch.arange(width, dtype=boxes.dtype, device=boxes.device).view(1, 1, -1)
+    rows = torch.arange(height, dtype=boxes.dtype, device=boxes.device).view(1, -1, 1)
+    centre_x = ((cols + 0.5) * bin_w + x_start.view(-1, 1, 1)).expand(-1, height, width)
+    centre_y = ((rows + 0.5) * bin_h + y0.view(-1, 1, 1)).expand(-1, height, width)
+    diagonal = torch.sqrt(bin_w**2 + bin_h**2)
+    return centre_x.reshape(-1, height * width), centre_y.reshape(-1, height * width), diagonal
+
+
+def positive_pixel_mask(boxes1: Tensor, flips1: Tensor, boxes2: Tensor, flips2: Tensor,
+                        size: tuple[int, int], threshold: float = 0.7) -> Tensor:
+    """PixPro's positive pairs: (B, H*W, H*W) bool, ``[b, i, j]`` True when cell ``i`` of view 1 and
+    cell ``j`` of view 2 of sample ``b`` show nearby points of the original image.
+
+    As in the official code (zdaxie/PixPro, ``regression_loss``): each cell's centre is placed in the
+    original image's normalised coordinates through that sample's crop box (a flip reverses x), the
+    distance between every pair of centres is divided by the *larger* of the two views' cell
+    diagonals, and a pair is positive where that is below ``threshold`` (0.7 in the paper).
+
+    Boxes are (B, 4) ``(x0, y0, x1, y1)`` in [0, 1] and flips (B,) bool, as :class:`byol_nb.augment.View`
+    carries them; ``size`` is the feature map's (H, W). Cells are in row-major order (see above).
+    The mask is per sample: it must come from *this* step's boxes, never be shared across a batch.
+    """
+    if boxes1.shape != boxes2.shape or boxes1.ndim != 2 or boxes1.shape[1] != 4:
+        raise ValueError(f"boxes must both be (batch, 4); got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}")
+    x1, y1, diag1 = _cell_centres(boxes1, flips1.bool(), size)
+    x2, y2, diag2 = _cell_centres(boxes2, flips2.bool(), size)
+    distance = torch.sqrt((x1.unsqueeze(2) - x2.unsqueeze(1)) ** 2 + (y1.unsqueeze(2) - y2.unsqueeze(1)) ** 2)
+    return distance / torch.max(diag1, diag2) < threshold
+
+
+def pixpro_loss(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """One direction of PixPro's pixel loss: ``-2 x`` the batch mean of each image's mean cosine
+    between the propagated online pixels ``prediction`` and the target pixels of the other view
+    ``target`` (both (B, C, H, W)) over its positive pairs ``mask`` (B, H*W, H*W).
+
+    An image without a positive pair (the crops do not overlap) contributes 0 and still counts in
+    the batch mean, as in the official code; no division by zero. The target is detached.
+    """
+    p = F.normalize(prediction.flatten(2).float(), dim=1)
+    t = F.normalize(target.detach().flatten(2).float(), dim=1)
+    cosine = torch.bmm(p.transpose(1, 2), t)  # (B, H*W, H*W): [b, i, j] = cos(p_i, t_j)
+    weights = mask.to(cosine.dtype)
+    per_image = (cosine * weights).sum((1, 2)) / weights.sum((1, 2)).clamp_min(1)
+    return -2 * per_image.mean()
+
+
+def symmetric_pixpro_loss(y1: Tensor, y2: Tensor, t1: Tensor, t2: Tensor, mask: Tensor) -> Tensor:
+    """PixPro's pixel loss: PPM(view 1) against target(view 2) *plus* the reverse direction.
+
+    ``mask`` is view 1 -> view 2 (from :func:`positive_pixel_mask`); the reverse direction's mask is
+    its transpose, since the normalised distance is symmetric.
+    """
+    return pixpro_loss(y1, t2, mask) + pixpro_loss(y2, t1, mask.transpose(1, 2))
+
+
+def pixel_contrast_loss(queries: Tensor, keys: Tensor, mask: Tensor, temperature: float = 0.3,
+                        all_keys: Tensor | None = None) -> Tensor:
+    """PixContrast (InfoNCE over pixels), one direction, averaged over query pixels with a positive.
+
+    For query pixel ``i`` of image ``b`` (online, view 1) the positives are the key pixels ``j`` of
+    the *same* image's other view with ``mask[b, i, j]``; the denominator runs over every key pixel
+    of ``all_keys`` (the global batch: positives and every other pixel, of this image and all
+    others)::
+
+        loss_i = -log( sum_{j positive} e^{cos(q_i, k_j) / T} / sum_{every key k} e^{cos(q_i, k) / T} )
+
+    ``queries``/``keys`` are this process's (B, C, H, W) tensors and ``mask`` (B, H*W, H*W) is local
+    too. ``all_keys`` (M, C, H, W), gathered from every process and *including* this one's keys,
+    only widens the denominator: the mask never touches another process's features. Without it the
+    negatives are this process's batch. Keys are detached (they come from the target network).
+    Query pixels without any positive are left out; a batch with none gives 0.
+    """
+    batch, channels = queries.shape[:2]
+    q = F.normalize(queries.flatten(2).float(), dim=1).transpose(1, 2)  # (B, N, C)
+    k = F.normalize(keys.detach().flatten(2).float(), dim=1)  # (B, C, N)
+    pool = keys if all_keys is None else all_keys
+    bank = F.normalize(pool.detach().flatten(2).float(), dim=1).transpose(1, 2).reshape(-1, channels)
+    positive_logits = torch.bmm(q, k) / temperature
+    # A large finite fill keeps rows without positives finite in the forward *and* backward pass.
+    log_numerator = positive_logits.masked_fill(~mask, torch.finfo(q.dtype).min).logsumexp(-1)
+    log_denominator = (q.reshape(-1, channels) @ bank.T / temperature).logsumexp(-1).view(batch, -1)
+    has_positive = mask.any(-1)
+    per_pixel = torch.where(has_positive, log_denominator - log_numerator, torch.zeros_like(log_numerator))
+    return per_pixel.sum() / has_positive.sum().clamp_min(1)
+
+
+def symmetric_pixel_contrast_loss(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, mask: Tensor,
+                                  temperature: float = 0.3, all_k1: Tensor | None = None,
+                                  all_k2: Tensor | None = None) -> Tensor:
+    """Pixel contrast in both directions (view 1 queries against view 2 keys, and the reverse), summed."""
+    return (pixel_contrast_loss(q1, k2, mask, temperature, all_k2)
+            + pixel_contrast_loss(q2, k1, mask.transpose(1, 2), temperature, all_k1))

@@ -1,5 +1,5 @@
 """Networks: a ResNet backbone that gives a pooled vector *and* a feature map, BYOL's MLP heads,
-and the online/target pair.
+PixPro's pixel projector and Pixel Propagation Module, and the online/target pair.
 
 The target network is a real, separate copy (``copy.deepcopy``) whose parameters never receive
 gradients; it only moves through :func:`byol_nb.ema.ema_update_`. All heads are built in
@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
@@ -40,7 +41,16 @@ class Backbone(nn.Module):
 
     def stride(self) -> int:
         """Input pixels per feature-map cell."""
-        return 8 if self.small_stem else 32
+        return self.stride_of(self.small_stem)
+
+    @staticmethod
+    def stride_of(small_stem: bool) -> int:
+        return 8 if small_stem else 32
+
+    @classmethod
+    def feature_side(cls, image_size: int, small_stem: bool) -> int:
+        """Side of the feature map of a square ``image_size`` input (each stride-2 layer rounds up)."""
+        return -(-image_size // cls.stride_of(small_stem))
 
     def feature_map(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) -> (B, dim, S / stride, S / stride)."""
@@ -63,13 +73,57 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-class Encoder(nn.Module):
-    """Backbone followed by the projector: the part that has a target (EMA) twin."""
+class PixelProjector(nn.Module):
+    """PixPro's pixel projector, the MLP applied at every cell: 1x1 conv, BatchNorm, ReLU, 1x1 conv."""
 
-    def __init__(self, backbone: Backbone, hidden_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.BatchNorm2d(hidden_dim),
+                                 nn.ReLU(inplace=True), nn.Conv2d(hidden_dim, out_dim, 1))
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        """(B, in_dim, H, W) -> (B, out_dim, H, W)."""
+        return self.net(fmap)
+
+
+class PixelPropagation(nn.Module):
+    """PixPro's Pixel Propagation Module (PPM): each pixel becomes a similarity-weighted sum of the
+    transformed pixels of its own view, which smooths features inside an object::
+
+        s_ij = max(cos(x_i, x_j), 0) ** gamma        y_i = sum_j s_ij g(x_j)        output y_i / |y_i|
+
+    ``g`` is a 1x1 convolution (the paper's best transform). As in the official code, g's outputs are
+    L2-normalised per pixel *before* the sum, so every pixel's vote has the same length and only the
+    similarity decides its weight.
+    """
+
+    def __init__(self, dim: int, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.transform = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W), unit length at every cell."""
+        batch, channels, height, width = x.shape
+        values = F.normalize(self.transform(x), dim=1).flatten(2)  # (B, C, N)
+        unit = F.normalize(x, dim=1).flatten(2)
+        similarity = torch.bmm(unit.transpose(1, 2), unit).clamp(min=0) ** self.gamma  # (B, N, N)
+        propagated = torch.bmm(values, similarity.transpose(1, 2))  # [:, :, i] = sum_j s_ij g(x_j)
+        return F.normalize(propagated, dim=1).view(batch, channels, height, width)
+
+
+class Encoder(nn.Module):
+    """Backbone followed by the projector(s): the part that has a target (EMA) twin.
+
+    With ``pixel=True`` it also holds PixPro's :class:`PixelProjector`, so the target's copy of it is
+    made and EMA-updated together with the rest.
+    """
+
+    def __init__(self, backbone: Backbone, hidden_dim: int, out_dim: int, pixel: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = MLP(backbone.dim, hidden_dim, out_dim)
+        self.pixel_projector = PixelProjector(backbone.dim, hidden_dim, out_dim) if pixel else None
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Returns (feature map, projection)."""
@@ -78,12 +132,17 @@ class Encoder(nn.Module):
 
 
 class BYOLNetworks(nn.Module):
-    """Online encoder + predictor, and the target encoder (an EMA copy of the online one)."""
+    """Online encoder + predictor, and the target encoder (an EMA copy of the online one).
 
-    def __init__(self, backbone: Backbone, hidden_dim: int = 4096, out_dim: int = 256) -> None:
+    ``pixel=True`` adds PixPro's pixel projector to both encoders and the online-only PPM
+    (``propagation``), the pixel branch's counterpart of the predictor.
+    """
+
+    def __init__(self, backbone: Backbone, hidden_dim: int = 4096, out_dim: int = 256, pixel: bool = False) -> None:
         super().__init__()
-        self.online = Encoder(backbone, hidden_dim, out_dim)
+        self.online = Encoder(backbone, hidden_dim, out_dim, pixel=pixel)
         self.predictor = MLP(out_dim, hidden_dim, out_dim)
+        self.propagation = PixelPropagation(out_dim) if pixel else None
         self.target = copy.deepcopy(self.online)
         self.target.requires_grad_(False)
         for module in self.target.modules():

@@ -6,6 +6,11 @@ One training step::
     online:  backbone -> projector -> predictor   (both views in one forward pass)
     target:  backbone -> projector                 (EMA copy, no gradients, one forward pass)
     loss -> backward -> optimizer step -> EMA update of the target with tau(global step)
+
+``--method pixpro`` adds PixPro's pixel branch on the backbone's feature map (pixel projector on
+both networks, PPM on the online side, positive pairs from each sample's crop boxes and flips);
+``pixcontrast`` replaces PixPro's loss by pixel InfoNCE. Their loss is
+``pixel loss + instance_weight x BYOL loss`` on the pooled features.
 """
 
 from __future__ import annotations
@@ -21,11 +26,16 @@ from torch import Tensor
 from byol_nb.augment import AugmentConfig, TwoViewAugment, normalize
 from byol_nb.ema import cosine_momentum, ema_update_
 from byol_nb.evaluate import knn_top1
-from byol_nb.losses import symmetric_byol_loss
+from byol_nb.augment import View
+from byol_nb.distributed import convert_sync_batchnorm, gather_with_grad
+from byol_nb.losses import (positive_pixel_mask, symmetric_byol_loss, symmetric_pixel_contrast_loss,
+                            symmetric_pixpro_loss)
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.optim import build_optimizer, warmup_cosine
 
-METHODS = ("byol",)
+PIXEL_METHODS = ("pixpro", "pixcontrast")
+METHODS = ("byol",) + PIXEL_METHODS
+PIXEL_CONTRAST_TEMPERATURE = 0.3
 
 
 @dataclass
@@ -41,6 +51,7 @@ class TrainConfig:
     small_stem: bool = False
     pretrained: bool = False
     image_size: int = 32
+    crop_min_scale: float = 0.2  # paper: 0.08; small images lose the object in tinier crops
     batch_size: int = 128  # per process
     optimizer: str = "lars"
     lr: float = 2.0  # paper: 0.2 with batch 4096 (ImageNet); short small-image runs need more
@@ -50,11 +61,39 @@ class TrainConfig:
     proj_hidden: int = 1024  # paper: 4096
     proj_dim: int = 256
     seed: int = 0
+    sync_bn: bool = True  # BatchNorm statistics over all processes (byol_nb.distributed)
+    # Pixel methods only. PixPro's paper pretrains without the instance branch (weight 0) for
+    # detection; on the built-in data the pooled branch also helps the dense probe (BENCHMARKS.md).
+    instance_weight: float = 1.0
+    pixel_threshold: float = 0.7  # positive pairs: normalised cell distance below this
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+    @property
+    def pixel(self) -> bool:
+        return self.method in PIXEL_METHODS
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise ValueError, naming the flag to change, for a configuration that cannot train."""
+    if config.method not in METHODS:
+        raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(METHODS)}")
+    if not config.pixel:
+        return
+    side = Backbone.feature_side(config.image_size, config.small_stem)
+    if side < 2:
+        raise ValueError(
+            f"--method {config.method} needs a feature map of at least 2x2 cells, but {config.image_size} px "
+            f"images give {side}x{side} with the {'small' if config.small_stem else 'standard'} stem "
+            f"(stride {Backbone.stride_of(config.small_stem)}): add --small-stem or use --image-size "
+            f"{2 * Backbone.stride_of(config.small_stem)} or more")
+    if config.instance_weight < 0:
+        raise ValueError(f"--instance-weight must be 0 or more, got {config.instance_weight}")
+    if config.pixel_threshold <= 0:
+        raise ValueError(f"--pixel-threshold must be positive, got {config.pixel_threshold}")
 
 
 class BYOLModule(pl.LightningModule):
@@ -63,9 +102,14 @@ class BYOLModule(pl.LightningModule):
         config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
         self.config = config
         self.save_hyperparameters(asdict(config))
+        check_config(config)
         backbone = Backbone(config.backbone, small_stem=config.small_stem, pretrained=config.pretrained)
-        self.nets = BYOLNetworks(backbone, config.proj_hidden, config.proj_dim)
-        self.augment = TwoViewAugment(AugmentConfig(config.image_size))
+        self.nets = BYOLNetworks(backbone, config.proj_hidden, config.proj_dim, pixel=config.pixel)
+        if config.pixel and config.instance_weight == 0:
+            # Unused heads must not require gradients: DDP would wait for them, the optimizer skip them.
+            self.nets.online.projector.requires_grad_(False)
+            self.nets.predictor.requires_grad_(False)
+        self.augment = TwoViewAugment(AugmentConfig(config.image_size, crop_scale=(config.crop_min_scale, 1.0)))
         self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
     @property
@@ -80,31 +124,77 @@ class BYOLModule(pl.LightningModule):
         """A seed that depends only on (run seed, global step, rank): resuming replays the same views."""
         return (self.config.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
 
+    def setup(self, stage: str) -> None:
+        """With several processes, synchronise BatchNorm (before the optimizer and DDP exist): N
+        processes with batch b then compute the gradients of one process with batch N x b."""
+        if self.config.sync_bn and self.trainer.world_size > 1:
+            convert_sync_batchnorm(self.nets, cpu=self.trainer.strategy.root_device.type == "cpu")
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, _ = batch
         view1, view2 = self.augment(images, seed=self.augment_seed())
         both = torch.cat([view1.images, view2.images]).contiguous(memory_format=torch.channels_last)
-        _, projection = self.nets.online(both)
-        prediction = self.nets.predictor(projection)
+        fmap, projection = self.nets.online(both)
         with torch.no_grad():
-            _, target = self.nets.target(both)
-        p1, p2 = prediction.chunk(2)
-        z1, z2 = target.chunk(2)
-        loss = symmetric_byol_loss(p1, p2, z1, z2)
+            target_fmap, target = self.nets.target(both)
+        if self.config.pixel:
+            loss = self.pixel_loss(fmap, target_fmap, view1, view2)
+            self.log("train/pixel_loss", loss)
+            if self.config.instance_weight > 0:
+                instance = self.instance_loss(projection, target)
+                self.log("train/instance_loss", instance)
+                loss = loss + self.config.instance_weight * instance
+        else:
+            loss = self.instance_loss(projection, target)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the loss became {loss.item()} at global step {self.global_step}: lower --lr, "
                 f"or resume from the last checkpoint with --resume and a smaller learning rate")
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/collapse_std", self.collapse_std(projection.detach()))
+        self.log("train/collapse_std", self.collapse_std(gather_with_grad(projection.detach())))
         self.log("train/tau", self.current_tau())
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
+    def instance_loss(self, projection: Tensor, target: Tensor) -> Tensor:
+        """BYOL's symmetric loss between the two views' pooled projections (both views stacked)."""
+        p1, p2 = self.nets.predictor(projection).chunk(2)
+        z1, z2 = target.chunk(2)
+        return symmetric_byol_loss(p1, p2, z1, z2)
+
+    def pixel_loss(self, fmap: Tensor, target_fmap: Tensor, view1: View, view2: View) -> Tensor:
+        """PixPro's or pixel contrast's loss on the feature maps of both views (stacked on the batch).
+
+        The positive-pair mask comes from this step's own crop boxes and flips, sample by sample.
+        """
+        projection = self.nets.online.pixel_projector(fmap)
+        with torch.no_grad():
+            target = self.nets.target.pixel_projector(target_fmap)
+        mask = positive_pixel_mask(view1.boxes, view1.flips, view2.boxes, view2.flips,
+                                   tuple(fmap.shape[-2:]), self.config.pixel_threshold)
+        t1, t2 = target.chunk(2)
+        if self.config.method == "pixpro":
+            y1, y2 = self.nets.propagation(projection).chunk(2)
+            return symmetric_pixpro_loss(y1, y2, t1, t2, mask)
+        q1, q2 = projection.chunk(2)
+        return symmetric_pixel_contrast_loss(q1, q2, t1, t2, mask, PIXEL_CONTRAST_TEMPERATURE,
+                                             self.global_keys(t1), self.global_keys(t2))
+
+    def global_keys(self, keys: Tensor) -> Tensor:
+        """Every process's target pixels, for pixel contrast's negatives (the global batch).
+
+        This is the one place where the pixel branch crosses processes. Keys come from the target
+        network and carry no gradient, so a plain all-gather suffices; masks stay local.
+        """
+        if self.trainer.world_size == 1:
+            return keys
+        return self.all_gather(keys).flatten(0, 1)
+
     @staticmethod
     def collapse_std(projection: Tensor) -> Tensor:
         """Per-dimension std of L2-normalised projections, times sqrt(dim): about 1 for spread-out
-        embeddings, 0 when every image maps to the same point (collapse)."""
+        embeddings, 0 when every image maps to the same point (collapse). The training step passes
+        the global batch (every process's projections), so the value does not depend on the split."""
         z = F.normalize(projection.float(), dim=1)
         return z.std(dim=0).mean() * math.sqrt(z.shape[1])
 

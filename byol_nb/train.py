@@ -23,9 +23,10 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from byol_nb.callbacks import ThroughputMonitor
+from byol_nb.callbacks import FailureInjection, ThroughputMonitor
 from byol_nb.checkpoint import AtomicCheckpointIO, CheckpointError, check_resume, save_backbone
 from byol_nb.data import DataError, SSLDataModule
+from byol_nb.distributed import ForkAfterCudaError, check_fork_safe, resolve_topology
 from byol_nb.evaluate import evaluate_backbone
 from byol_nb.models import BACKBONES
 from byol_nb.module import METHODS, BYOLModule, TrainConfig, check_config
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-data", default=None,
                       help="labeled folder (one sub-folder per class) for the kNN monitor; --data must be labeled too")
     data.add_argument("--image-size", type=int, default=d.image_size)
+    data.add_argument("--crop-min-scale", type=float, default=d.crop_min_scale,
+                      help="smallest crop area, as a fraction of the image (paper: 0.08)")
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: cached in memory)")
     model = p.add_argument_group("model")
     model.add_argument("--method", choices=METHODS, default=d.method)
@@ -72,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--devices", default="1", help="number of devices, or 'auto'")
     hw.add_argument("--num-nodes", type=int, default=1)
     hw.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ddp_notebook, ...")
+    hw.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=d.sync_bn,
+                    help="with several processes, BatchNorm statistics over the global batch")
     hw.add_argument("--precision", default="auto", help="auto (bf16-mixed on GPUs that support it, else 32), 32, bf16-mixed, 16-mixed")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/byol", help="output folder")
@@ -151,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = config_from_args(args)
+    try:
+        devices, num_nodes = resolve_topology(args.devices, args.num_nodes)
+        check_fork_safe(args.strategy, call=f"python -m byol_nb.train --strategy {args.strategy}")
+    except (ValueError, ForkAfterCudaError) as error:
+        raise SystemExit(f"error: {error}") from None
     pl.seed_everything(config.seed, workers=True, verbose=False)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # Lightning cannot see that ResumableSampler continues mid-epoch exactly; it does.
@@ -169,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     if datamodule.spec.val is not None:
         callbacks.append(ModelCheckpoint(dirpath=out, filename="best", monitor="knn_top1", mode="max",
                                          enable_version_counter=False))
+    failure = FailureInjection.from_env()  # tests only: BYOL_NB_FAIL_AT_STEP
+    if failure is not None:
+        callbacks.append(failure)
     trainer = pl.Trainer(
-        accelerator=args.accelerator, devices=args.devices if args.devices == "auto" else int(args.devices),
-        num_nodes=args.num_nodes, strategy=args.strategy,
+        accelerator=args.accelerator, devices=devices, num_nodes=num_nodes, strategy=args.strategy,
         precision=resolve_precision(args.precision, args.accelerator),
         max_epochs=args.max_epochs if args.max_steps is None else -1, max_steps=args.max_steps or -1,
         callbacks=callbacks, enable_checkpointing=datamodule.spec.val is not None, plugins=[AtomicCheckpointIO()],
