@@ -241,3 +241,21 @@ def plot_matrix(matrix: "torch.Tensor | np.ndarray", title: str = "", xlabel: st
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     fig.tight_layout()
     return fig
+
+
+def plot_agreement(panels: dict[str, tuple["torch.Tensor", "torch.Tensor"]], xlabel: str = "reference",
+                   ylabel: str = "compared", size: float = 3.0):
+    """One scatter panel per entry, ``(reference, compared)`` values against the diagonal y = x, with the
+    largest absolute difference in the title: points on the line mean the two computations agree."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size + 0.3), squeeze=False)
+    for ax, (name, (x, y)) in zip(axes[0], panels.items()):
+        x = torch.as_tensor(x).detach().flatten().float()
+        y = torch.as_tensor(y).detach().flatten().float()
+        low, high = float(torch.minimum(x.min(), y.min())), float(torch.maximum(x.max(), y.max()))
+        ax.plot([low, high], [low, high], color="gray", linewidth=1, linestyle=":")
+        ax.scatter(x.numpy(), y.numpy(), s=6, alpha=0.6)
+        ax.set_title(f"{name}\nmax |diff| = {float((x - y).abs().max()):.1e}", fontsize=9)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig

@@ -108,3 +108,11 @@ def test_plot_matrix_keeps_the_values():
     fig = viz.plot_matrix(m, title="cos")
     assert (fig.axes[0].images[0].get_array() == m.numpy()).all() and fig.axes[0].get_title() == "cos"
     _close(fig)
+
+
+def test_plot_agreement_reports_the_largest_difference():
+    fig = viz.plot_agreement({"same": (torch.arange(4.0), torch.arange(4.0)),
+                              "off": (torch.zeros(3), torch.tensor([0.0, 0.5, -2.0]))})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "max |diff| = 0.0e+00" in titles[0] and "max |diff| = 2.0e+00" in titles[1]
+    _close(fig)

@@ -1,0 +1,74 @@
+"""The course notebooks: every one executes headless in FAST mode, in order, and none is committed
+with outputs.
+
+The execution tests are marked ``notebooks`` (deselect with ``-m "not notebooks"``); they run
+each notebook in a fresh kernel with ``FAST=1`` and ``BYOL_NB_RUNS`` pointing at a temporary folder,
+so cached runs from an earlier session are never reused and nothing is written under ``runs/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+PER_NOTEBOOK_TIMEOUT_S = 900  # FAST mode takes 1-3 minutes each on 2 idle cores
+
+
+def test_the_course_has_its_lessons_in_order():
+    names = [p.name for p in NOTEBOOKS]
+    assert names, f"no notebooks found in {NOTEBOOK_DIR}"
+    assert [n[:2] for n in names] == [f"{i:02d}" for i in range(len(names))], f"gaps in the numbering: {names}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_has_no_outputs(path: Path):
+    notebook = json.loads(path.read_text())
+    for index, cell in enumerate(notebook["cells"]):
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [], f"{path.name} cell {index} has outputs: strip them before committing"
+            assert cell.get("execution_count") is None, f"{path.name} cell {index} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_opens_with_goals_and_time_and_ends_with_questions(path: Path):
+    cells = json.loads(path.read_text())["cells"]
+    first = "".join(cells[0]["source"])
+    assert "What you will learn" in first and "Time" in first, f"{path.name}: first cell must say what and how long"
+    markdown = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+    assert any("Summary" in m for m in markdown) and any("Questions" in m for m in markdown), \
+        f"{path.name}: needs a summary and questions at the end"
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by the notebooks of one test session, so that 06 finds what 05 trained."""
+    return tmp_path_factory.mktemp("course-runs")
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+@pytest.mark.timeout(PER_NOTEBOOK_TIMEOUT_S + 60)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes_in_fast_mode(path: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("FAST", "1")
+    monkeypatch.setenv("BYOL_NB_RUNS", str(runs_dir))
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=PER_NOTEBOOK_TIMEOUT_S, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    started = time.perf_counter()
+    client.execute()  # raises CellExecutionError with the failing cell and its traceback
+    print(f"{path.name}: {time.perf_counter() - started:.0f} s")
+    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    figures = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs
+               if "image/png" in o.get("data", {})]
+    assert figures, f"{path.name} shows no figure"
