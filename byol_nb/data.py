@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from byol_nb import shapes
+from byol_nb.distributed import limit_threads_after_fork
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 NAMED_DATASETS = ("shapes", "cifar10", "stl10")
@@ -308,6 +309,7 @@ class SSLDataModule(pl.LightningDataModule):
             shapes.generate_shapes(shapes_root())
 
     def setup(self, stage: str | None = None) -> None:
+        limit_threads_after_fork()  # the first CPU work in a ddp_notebook worker happens here
         if self.train_set is not None:
             return
         self.train_set = open_dataset(self.spec.train, self.image_size)

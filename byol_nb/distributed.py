@@ -32,6 +32,18 @@ from lightning_fabric.plugins.environments import TorchElasticEnvironment
 from torch import Tensor, nn
 
 
+_IMPORTED_BY_PID = os.getpid()
+
+
+def limit_threads_after_fork() -> None:
+    """In a process forked after this module was imported (ddp_notebook's workers), use one CPU
+    thread. The OpenMP thread pool of the parent does not survive fork: the child's first parallel
+    CPU operation would wait forever for threads that do not exist. (DataLoader workers do the
+    same.) Processes started fresh (ddp, torchrun, srun) are left alone."""
+    if os.getpid() != _IMPORTED_BY_PID:
+        torch.set_num_threads(1)
+
+
 def world_size() -> int:
     """Number of processes in the default group; 1 when torch.distributed is not initialised."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -7,11 +7,17 @@ with batch N x b on the same samples. Each check also runs a broken variant and 
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,8 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+import byol_nb
+from byol_nb.data import SSLDataModule
 from byol_nb.distributed import (ForkAfterCudaError, check_fork_safe, convert_sync_batchnorm, gather_with_grad,
                                  global_mean, rank, resolve_topology, world_size)
+from byol_nb.module import BYOLModule, TrainConfig
 
 WORLD = 2
 BATCH = 4  # per process
@@ -200,3 +209,160 @@ def test_topology_comes_from_torchrun_when_it_started_us(monkeypatch: pytest.Mon
     assert resolve_topology("1", 1) == (2, 2)
     with pytest.raises(ValueError, match="nproc-per-node 2"):
         resolve_topology("3", 1)
+
+
+# ---- launch paths: real 2-process training runs ------------------------------------------------
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def train_flags(shapes: Path, out: Path, steps: int = 3) -> list[str]:
+    return ["--data", str(shapes / "train"), "--val-data", str(shapes / "test"), "--max-steps", str(steps),
+            "--proj-hidden", "64", "--batch-size", "8", "--accelerator", "cpu", "--no-progress", "--out", str(out)]
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def assert_run_like_one_process(out: Path, reference: dict, world: int = WORLD) -> dict:
+    """A checkpoint, and metrics.json with the keys of a one-process run."""
+    assert (out / "last.ckpt").is_file() and (out / "backbone.pt").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == set(reference) and set(metrics["config"]) == set(reference["config"])
+    assert metrics["world_size"] == world and metrics["global_step"] == reference["global_step"]
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def one_process_metrics(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("one")
+    subprocess.run([sys.executable, "-m", "byol_nb.train", *train_flags(tiny_shapes, out)], env=run_env(),
+                   check=True, capture_output=True, timeout=300)
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_lightning_launcher_through_byol_nb_launch(tiny_shapes: Path, tmp_path: Path, one_process_metrics: dict,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """byol_nb.launch -> python -m byol_nb.train --devices 2 --strategy ddp (Lightning's launcher)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    flags = train_flags(tiny_shapes, tmp_path)
+    options = {flag[2:].replace("-", "_"): value for flag, value in zip(flags[::2], flags[1::2])
+               if flag not in ("--no-progress", "--out")}
+    shown = io.StringIO()
+    metrics = byol_nb.launch(tmp_path, stream=shown, no_progress=True, devices=2, strategy="ddp", **options)
+    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+    assert_run_like_one_process(tmp_path, one_process_metrics)
+    assert "finished 3 steps" in shown.getvalue()
+    # the kernel's side never imports torch, so it can never hold CUDA
+    check = "import sys, byol_nb; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tiny_shapes: Path, tmp_path: Path, one_process_metrics: dict) -> None:
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "byol_nb.train",
+               *train_flags(tiny_shapes, tmp_path)]
+    result = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_run_like_one_process(tmp_path, one_process_metrics)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_together(tiny_shapes: Path, tmp_path: Path, one_process_metrics: dict) -> None:
+    """Two torchrun invocations (--nnodes 2, node ranks 0 and 1, 127.0.0.1) form one job; only
+    global rank 0 (on node 0) writes checkpoints and metrics."""
+    port = free_port()
+    nodes = [subprocess.Popen([str(TORCHRUN), "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+                               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "byol_nb.train",
+                               *train_flags(tiny_shapes, tmp_path / f"node{node}")],
+                              env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert_run_like_one_process(tmp_path / "node0", one_process_metrics)
+    assert not list((tmp_path / "node1").glob("*.ckpt")) and not (tmp_path / "node1" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_a_failing_process_ends_the_whole_job(tiny_shapes: Path, tmp_path: Path, launcher: str) -> None:
+    """Process 1 raises at step 1 (BYOL_NB_FAIL_AT_STEP): the job exits non-zero with that error
+    within a minute, and leaves no training process behind."""
+    flags = train_flags(tiny_shapes, tmp_path)
+    command = ([sys.executable, "-m", "byol_nb.train", "--devices", "2", "--strategy", "ddp", *flags]
+               if launcher == "lightning" else
+               [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "byol_nb.train", *flags])
+    process = subprocess.Popen(command, env=run_env(BYOL_NB_FAIL_AT_STEP="1"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = process.communicate(timeout=60 + 30)[0]  # + start-up of the interpreters on a busy machine
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    assert "BYOL_NB_FAIL_AT_STEP=1: injected failure in process 1 of 2" in output
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], f"processes left running: {leftovers}"
+
+
+@pytest.mark.slow
+def test_script_refuses_ddp_notebook_after_cuda_at_once(tiny_shapes: Path, tmp_path: Path) -> None:
+    """The state of a kernel that already used the GPU, simulated: torch.cuda reports initialised."""
+    script = ("import sys, torch; torch.cuda.is_initialized = lambda: True\n"
+              "from byol_nb.train import main\n"
+              f"main({['--strategy', 'ddp_notebook', '--devices', '2', *train_flags(tiny_shapes, tmp_path)]!r})")
+    result = subprocess.run([sys.executable, "-c", script], env=run_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert "python -m byol_nb.train --strategy ddp_notebook with strategy='ddp_notebook'" in result.stderr
+    assert "Restart the kernel" in result.stderr
+    assert not (tmp_path / "last.ckpt").exists()
+
+
+class Recorder(pl.Callback):
+    """Writes, from every training process, what it saw: sample fingerprints per epoch, the
+    BatchNorm class in use and the learning rate per step."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.seen, self.lrs = folder, {}, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        images = batch[0]
+        self.seen.setdefault(trainer.current_epoch, []).extend(hash(i.numpy().tobytes()) for i in images)
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        bn = type(pl_module.backbone.body[1]).__name__
+        torch.save({"seen": self.seen, "bn": bn, "lrs": self.lrs, "world": trainer.world_size},
+                   self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def fit_in_process(shapes: Path, out: Path, devices: int, batch: int, steps: int, **trainer_args) -> None:
+    """What a notebook cell does: build the module and the data module, then Trainer.fit."""
+    config = TrainConfig(image_size=32, batch_size=batch, proj_hidden=64)
+    datamodule = SSLDataModule(str(shapes / "train"), None, 32, batch)
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, max_steps=steps, callbacks=[Recorder(out)],
+                         default_root_dir=out, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, **trainer_args)
+    trainer.fit(BYOLModule(config), datamodule=datamodule)
+
+
+@pytest.mark.slow
+def test_ddp_notebook_fork_two_processes(tiny_shapes: Path, tmp_path: Path) -> None:
+    """Trainer(strategy="ddp_notebook", devices=2) from a running Python process, as in a notebook:
+    SyncBatchNorm is on, each process sees different images, each epoch is reshuffled, and the
+    learning rate follows the global batch (the same as one process with twice the batch)."""
+    check_fork_safe("ddp_notebook")
+    steps = 2 * 48 // (WORLD * BATCH * 2)  # two epochs of 48 images, batch 8 per process
+    fit_in_process(tiny_shapes, tmp_path / "ddp", devices=2, batch=8, steps=steps, strategy="ddp_notebook")
+    fit_in_process(tiny_shapes, tmp_path / "one", devices=1, batch=16, steps=steps)
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(WORLD)]
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    assert [r["bn"] for r in ranks] == ["CPUSyncBatchNorm"] * WORLD and one["bn"] == "BatchNorm2d"
+    for epoch in (0, 1):
+        assert not set(ranks[0]["seen"][epoch]) & set(ranks[1]["seen"][epoch])
+    assert ranks[0]["seen"][0] != ranks[0]["seen"][1]
+    assert ranks[0]["lrs"] == pytest.approx(one["lrs"])
+    assert list((tmp_path / "ddp").rglob("*.ckpt")), "rank 0 wrote no checkpoint"
