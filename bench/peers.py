@@ -1,0 +1,272 @@
+"""Each BYOL implementation trained the way its own documentation shows, on the same images.
+
+Every ``train_*`` function takes one :class:`Setup` (the same backbone, resolution, batch, steps and
+uint8 pixels for everyone) and returns the trained backbone plus a timestamp per step. What differs
+is only what each library brings: its augmentation, data path, model wrapper, loss, EMA and the
+optimizer its docs recommend.
+
+* ``byol_nb``: :class:`byol_nb.module.BYOLModule` under a Lightning ``Trainer``, exactly as
+  ``python -m byol_nb.train`` runs it (uint8 batches, two-view augmentation on the device, LARS).
+* ``byol-pytorch`` 0.9.1 (lucidrains): its README loop, ``BYOL(resnet18, hidden_layer="avgpool")``
+  with ``use_simplicial_embeddings=False`` (BYOL as published), its default batched torchvision
+  augmentation, Adam at lr 3e-4, ``learner.update_moving_average()`` after each step.
+* ``lightly`` 1.6.0: its BYOL example, ``BYOLProjectionHead``/``BYOLPredictionHead``,
+  ``NegativeCosineSimilarity``, ``update_momentum`` with ``cosine_schedule`` and ``BYOLTransform``
+  (PIL, per image) in a ``DataLoader`` with workers; SGD at lr 0.06 with momentum 0.9.
+* ``ideal``: byol_nb's networks on views augmented once before timing: online forward, loss,
+  backward and target forward only, the floor that any full step is compared with.
+
+All share the projector/predictor shape (1024 hidden, 256 out; byol_nb's and lightly's example
+default; byol-pytorch is told so) so that the compared work is the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+HIDDEN, OUT = 1024, 256
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One run: the same for every implementation."""
+
+    pixels: Tensor  # (N, 3, S, S) uint8 training images
+    size: int
+    batch: int
+    steps: int
+    seed: int = 0
+    workers: int = 2  # DataLoader workers where the library's examples use them (lightly)
+    precision: str = "auto"  # byol_nb's --precision (auto: what ``python -m byol_nb.train`` picks)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Trained(NamedTuple):
+    backbone: nn.Module  # ImageNet-normalised (B, 3, S, S) -> pooled features (B, 512)
+    stamps: list[float]  # time.perf_counter() at the start of every step, then once at the end
+
+
+class Clock:
+    """Timestamps at step boundaries; waits for the GPU so a stamp means the work is done."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def tick(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+
+def resnet18() -> nn.Module:
+    """The shared backbone: torchvision's ResNet-18, random init, standard stem."""
+    return torchvision.models.resnet18(weights=None)
+
+
+def pooled(resnet: nn.Module) -> nn.Module:
+    """A torchvision ResNet without its classifier: (B, 3, S, S) -> (B, 512)."""
+    return nn.Sequential(*list(resnet.children())[:-1], nn.Flatten(1))
+
+
+def batches(setup: Setup, dataset: Dataset, workers: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(setup.seed)
+    return DataLoader(dataset, batch_size=setup.batch, shuffle=True, drop_last=True, num_workers=workers,
+                      generator=generator, persistent_workers=workers > 0,
+                      pin_memory=setup.device.type == "cuda")
+
+
+def forever(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+# ---- byol_nb --------------------------------------------------------------------------------------
+def train_byol_nb(setup: Setup) -> Trained:
+    import pytorch_lightning as pl
+
+    from byol_nb.data import TensorImages
+    from byol_nb.module import BYOLModule, TrainConfig
+    from byol_nb.train import resolve_precision
+
+    class StepClock(pl.Callback):
+        def __init__(self) -> None:
+            self.clock = Clock()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+            self.clock.tick()
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.clock.tick()
+
+    pl.seed_everything(setup.seed, verbose=False)
+    config = TrainConfig(image_size=setup.size, batch_size=setup.batch, proj_hidden=HIDDEN, proj_dim=OUT,
+                         seed=setup.seed)
+    module = BYOLModule(config)
+    hwc = setup.pixels.permute(0, 2, 3, 1).numpy()
+    dataset = TensorImages(hwc, [-1] * len(hwc), setup.size, classes=[])
+    clock = StepClock()
+    trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=setup.steps, logger=False,
+                         precision=resolve_precision(setup.precision, "auto"),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[clock])
+    trainer.fit(module, train_dataloaders=batches(setup, dataset))
+    return Trained(module.backbone, clock.clock.stamps)
+
+
+# ---- byol-pytorch (lucidrains) --------------------------------------------------------------------
+class _Uint8Images(Dataset):
+    def __init__(self, pixels: Tensor) -> None:
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.pixels[index]
+
+
+def train_byol_pytorch(setup: Setup) -> Trained:
+    from byol_pytorch import BYOL
+
+    torch.manual_seed(setup.seed)
+    resnet = resnet18().to(setup.device)
+    learner = BYOL(resnet, image_size=setup.size, hidden_layer="avgpool", projection_size=OUT,
+                   projection_hidden_size=HIDDEN, use_simplicial_embeddings=False)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=3e-4)
+    clock = Clock()
+    data = forever(batches(setup, _Uint8Images(setup.pixels)))
+    for _ in range(setup.steps):
+        clock.tick()
+        images = next(data).to(setup.device, non_blocking=True).float().div_(255)  # its augmentation takes [0, 1]
+        loss = learner(images)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.update_moving_average()
+    clock.tick()
+    return Trained(pooled(resnet), clock.stamps)
+
+
+# ---- lightly --------------------------------------------------------------------------------------
+class _PilViews(Dataset):
+    """What torchvision's CIFAR10 does in lightly's example: uint8 array in memory -> PIL -> transform."""
+
+    def __init__(self, pixels: Tensor, transform: Callable) -> None:
+        self.pixels = pixels.permute(0, 2, 3, 1).numpy()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(np.ascontiguousarray(self.pixels[index]))), 0
+
+
+class _LightlyBYOL(nn.Module):
+    """The model class of lightly's BYOL example."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = BYOLProjectionHead(512, HIDDEN, OUT)
+        self.prediction_head = BYOLPredictionHead(OUT, HIDDEN, OUT)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
+
+    def forward_momentum(self, x: Tensor) -> Tensor:
+        return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+
+def train_lightly(setup: Setup) -> Trained:
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.utils import update_momentum
+    from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+    from lightly.utils.scheduler import cosine_schedule
+
+    torch.manual_seed(setup.seed)
+    model = _LightlyBYOL(nn.Sequential(*list(resnet18().children())[:-1])).to(setup.device)
+    # The example's CIFAR-10 settings (input_size 32 there, no blur on small images).
+    transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=setup.size, gaussian_blur=0.0),
+                              view_2_transform=BYOLView2Transform(input_size=setup.size, gaussian_blur=0.0))
+    criterion = NegativeCosineSimilarity()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.06, momentum=0.9)
+    clock = Clock()
+    data = forever(batches(setup, _PilViews(setup.pixels, transform), workers=setup.workers))
+    for step in range(setup.steps):
+        clock.tick()
+        (x0, x1), _ = next(data)
+        momentum = cosine_schedule(step, setup.steps, 0.996, 1)
+        update_momentum(model.backbone, model.backbone_momentum, m=momentum)
+        update_momentum(model.projection_head, model.projection_head_momentum, m=momentum)
+        x0, x1 = x0.to(setup.device), x1.to(setup.device)
+        p0, z0 = model(x0), model.forward_momentum(x0)
+        p1, z1 = model(x1), model.forward_momentum(x1)
+        loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    clock.tick()
+    return Trained(nn.Sequential(model.backbone, nn.Flatten(1)), clock.stamps)
+
+
+# ---- the ideal step -------------------------------------------------------------------------------
+def ideal_step(setup: Setup) -> Trained:
+    """byol_nb's networks and loss on fixed, already augmented views: no data, no augmentation, no
+    optimizer, no EMA, no Lightning. Memory format and precision follow what byol_nb's step uses."""
+    from byol_nb.augment import AugmentConfig, TwoViewAugment
+    from byol_nb.losses import symmetric_byol_loss
+    from byol_nb.models import Backbone, BYOLNetworks
+    from byol_nb.train import resolve_precision
+
+    torch.manual_seed(setup.seed)
+    device = setup.device
+    nets = BYOLNetworks(Backbone("resnet18"), HIDDEN, OUT).to(device)
+    images = setup.pixels[: setup.batch].to(device)
+    view1, view2 = TwoViewAugment(AugmentConfig(setup.size)).to(device)(images, seed=setup.seed)
+    both = torch.cat([view1.images, view2.images]).contiguous(memory_format=torch.channels_last)
+    bf16 = resolve_precision(setup.precision, "auto") == "bf16-mixed"
+    clock = Clock()
+    for _ in range(setup.steps):
+        clock.tick()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            _, projection = nets.online(both)
+            prediction = nets.predictor(projection)
+            with torch.no_grad():
+                _, target = nets.target(both)
+            p1, p2 = prediction.chunk(2)
+            z1, z2 = target.chunk(2)
+            loss = symmetric_byol_loss(p1, p2, z1, z2)
+        nets.zero_grad(set_to_none=True)
+        loss.backward()
+    clock.tick()
+    return Trained(nets.backbone, clock.stamps)
+
+
+PEERS: dict[str, Callable[[Setup], Trained]] = {
+    "byol_nb": train_byol_nb,
+    "byol-pytorch": train_byol_pytorch,
+    "lightly": train_lightly,
+}
+RUNNERS: dict[str, Callable[[Setup], Trained]] = {**PEERS, "ideal": ideal_step}

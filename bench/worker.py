@@ -1,0 +1,119 @@
+"""One measured run in a fresh process, printed as one JSON line.
+
+    python -m bench.worker '{"task": "speed", "runner": "lightly", "size": 32, "batch": 64, ...}'
+
+A fresh process per run keeps runs independent: no allocator state, thread pool or cached kernel
+carries over from one library to the next, and peak memory is that run's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import threading
+import time
+
+import psutil
+import torch
+
+from bench.peers import RUNNERS, Setup
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: GPU bytes allocated, or on CPU the resident set of this
+    process plus its DataLoader workers, sampled every 10 ms."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.cuda = torch.cuda.is_available()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _resident(self) -> int:
+        total = self.process.memory_info().rss
+        for child in self.process.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._resident())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = self._resident()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def megabytes(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def speed(spec: dict) -> dict:
+    """Throughput over ``steps`` steps after ``warmup`` untimed ones, in source images per second."""
+    pixels = torch.load(spec["pixels"], weights_only=True)["pixels"]
+    setup = Setup(pixels, spec["size"], spec["batch"], spec["warmup"] + spec["steps"], spec.get("seed", 0),
+                  spec.get("workers", 2), spec.get("precision", "auto"))
+    with PeakMemory() as memory:
+        trained = RUNNERS[spec["runner"]](setup)
+    durations = [b - a for a, b in zip(trained.stamps, trained.stamps[1:])][spec["warmup"]:]
+    # The median step, not the mean: a step that another process on a shared machine stalled says
+    # nothing about the library.
+    return {**spec, "step_s": durations, "images_per_s": spec["batch"] / statistics.median(durations),
+            "peak_mb": memory.megabytes}
+
+
+def quality(spec: dict) -> dict:
+    """kNN top-1 (byol_nb.evaluate.knn_top1: cosine, k 20, T 0.1) of the backbone after training."""
+    from byol_nb.evaluate import extract_features, knn_top1
+    from byol_nb.models import Backbone
+
+    train, test = (torch.load(spec[key], weights_only=True) for key in ("pixels", "test_pixels"))
+    started = time.perf_counter()
+    if spec["runner"] == "random-init":
+        torch.manual_seed(spec.get("seed", 0))
+        backbone = Backbone("resnet18")
+    else:
+        setup = Setup(train["pixels"], spec["size"], spec["batch"], spec["steps"], spec.get("seed", 0),
+                      spec.get("workers", 2), spec.get("precision", "auto"))
+        backbone = RUNNERS[spec["runner"]](setup).backbone
+    trained_s = time.perf_counter() - started
+    backbone = backbone.float().to(memory_format=torch.contiguous_format)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bank = _labeled(train)
+    queries = _labeled(test)
+    bank_x, bank_y = extract_features(backbone, bank, device=device)
+    query_x, query_y = extract_features(backbone, queries, device=device)
+    return {**spec, "knn_top1": knn_top1(bank_x, bank_y, query_x, query_y), "train_s": trained_s}
+
+
+def _labeled(saved: dict) -> torch.utils.data.Dataset:
+    return torch.utils.data.TensorDataset(saved["pixels"], saved["labels"])
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    result = {"speed": speed, "quality": quality}[spec["task"]](spec)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
