@@ -1,9 +1,11 @@
-"""Frozen-feature evaluation: kNN and linear probe on a labeled train/test pair.
+"""Frozen-feature evaluation: kNN and linear probe on a labeled train/test pair, and a dense
+(segmentation) probe on the built-in dataset's masks.
 
     python -m byol_nb.evaluate --backbone runs/byol/backbone.pt --train data/shapes/train \
         --test data/shapes/test --task knn
 
-prints one JSON line, e.g. ``{"task": "knn", "top1": 71.2, ...}``.
+prints one JSON line, e.g. ``{"task": "knn", "top1": 71.2, ...}`` (``--task segmentation``:
+``{"task": "segmentation", "miou": 41.3, ...}``).
 """
 
 from __future__ import annotations
@@ -11,16 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from byol_nb.augment import normalize
 from byol_nb.data import DataError, dataset_labels, open_dataset
+from byol_nb.shapes import mask_path
 
-TASKS = ("knn", "linear")
+TASKS = ("knn", "linear", "segmentation")
 
 
 @torch.no_grad()
@@ -99,6 +105,101 @@ def evaluate_backbone(backbone: nn.Module, train: Dataset, test: Dataset, task: 
     raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
 
 
+@torch.no_grad()
+def extract_feature_maps(backbone: nn.Module, dataset: Dataset, batch_size: int = 256,
+                         device: str | torch.device = "cpu") -> Tensor:
+    """Last feature maps (N, dim, H, W) of a dataset of uint8 images, in eval mode.
+
+    ``backbone`` is a :class:`byol_nb.models.Backbone` (anything with ``feature_map``).
+    """
+    was_training = backbone.training
+    backbone.eval()
+    maps = [backbone.feature_map(normalize(images.to(device))).float().cpu()
+            for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False)]
+    backbone.train(was_training)
+    return torch.cat(maps)
+
+
+def load_mask(path: str | Path, size: int) -> np.ndarray:
+    """A label mask (size, size) int64 with the geometry of :func:`byol_nb.data.load_image`: the
+    centre square, resized (nearest neighbour, so labels are never blended)."""
+    with Image.open(path) as mask:
+        width, height = mask.size
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        return np.asarray(mask.resize((size, size), Image.Resampling.NEAREST,
+                                      box=(left, top, left + side, top + side)), dtype=np.int64)
+
+
+def dataset_masks(dataset: Dataset, size: int) -> Tensor:
+    """The built-in dataset's masks (N, size, size) for the images of an image-folder dataset, in order."""
+    files = getattr(dataset, "files", None)
+    if files is None:
+        raise DataError("--task segmentation needs a folder of the built-in dataset (its masks live next to "
+                        "it); generate one with python -m byol_nb.shapes")
+    masks = []
+    for image in files:
+        path = mask_path(image)
+        if not path.is_file():
+            raise DataError(f"no mask for {str(image)!r} (expected {str(path)!r}): --task segmentation needs "
+                            f"the built-in dataset's masks; generate it with python -m byol_nb.shapes")
+        masks.append(load_mask(path, size))
+    return torch.from_numpy(np.stack(masks))
+
+
+def segmentation_probe_miou(train_x: Tensor, train_masks: Tensor, test_x: Tensor, test_masks: Tensor,
+                            epochs: int = 30, batch_size: int = 128, lr: float = 1e-2,
+                            weight_decay: float = 1e-4) -> tuple[float, float]:
+    """Train a linear 1x1-conv head on frozen feature maps against per-pixel labels; return the
+    test set's (mean IoU, pixel accuracy), both in percent.
+
+    Features are standardised per channel (train statistics). The head's logits, one map per class,
+    are upsampled bilinearly to the mask size before the per-pixel cross-entropy, so a coarse
+    feature map is scored against full-resolution masks. IoU is accumulated over the whole test set
+    per class (background included) and averaged over classes that occur in it or are predicted.
+    """
+    mean = train_x.mean((0, 2, 3), keepdim=True)
+    std = train_x.std((0, 2, 3), keepdim=True) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    num_classes = int(max(train_masks.max(), test_masks.max())) + 1
+    size = tuple(train_masks.shape[-2:])
+    generator = torch.Generator().manual_seed(0)
+    head = nn.Conv2d(train_x.shape[1], num_classes, 1)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=generator)
+        head.bias.zero_()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def logits(x: Tensor) -> Tensor:
+        return F.interpolate(head(x), size=size, mode="bilinear", align_corners=False)
+
+    for _ in range(epochs):
+        for index in torch.randperm(len(train_x), generator=generator).split(batch_size):
+            optimizer.zero_grad()
+            F.cross_entropy(logits(train_x[index]), train_masks[index]).backward()
+            optimizer.step()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    with torch.no_grad():
+        for x, y in zip(test_x.split(batch_size), test_masks.split(batch_size)):
+            predicted = logits(x).argmax(1)
+            confusion += torch.bincount(y.flatten() * num_classes + predicted.flatten(),
+                                        minlength=num_classes**2).view(num_classes, num_classes)
+    hits = confusion.diag().double()
+    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    present = union > 0
+    miou = 100.0 * (hits[present] / union[present]).mean().item()
+    return miou, 100.0 * (hits.sum() / confusion.sum()).item()
+
+
+def evaluate_segmentation(backbone: nn.Module, train: Dataset, test: Dataset, image_size: int,
+                          device: str | torch.device = "cpu") -> tuple[float, float]:
+    """(mean IoU, pixel accuracy) in percent of a linear probe on ``backbone``'s frozen feature maps."""
+    train_masks, test_masks = dataset_masks(train, image_size), dataset_masks(test, image_size)
+    train_x = extract_feature_maps(backbone, train, device=device)
+    test_x = extract_feature_maps(backbone, test, device=device)
+    return segmentation_probe_miou(train_x, train_masks, test_x, test_masks)
+
+
 def main(argv: list[str] | None = None) -> int:
     from byol_nb.checkpoint import load_backbone, read_backbone_file
 
@@ -114,13 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backbone = load_backbone(args.backbone).to(args.device)
         size = args.image_size or int(read_backbone_file(args.backbone).get("image_size", 32))
-        score = evaluate_backbone(backbone, open_dataset(args.train, size), open_dataset(args.test, size),
-                                  args.task, args.device)
+        train, test = open_dataset(args.train, size), open_dataset(args.test, size)
+        if args.task == "segmentation":
+            miou, accuracy = evaluate_segmentation(backbone, train, test, size, args.device)
+            result = {"miou": round(miou, 2), "pixel_accuracy": round(accuracy, 2)}
+        else:
+            result = {"top1": round(evaluate_backbone(backbone, train, test, args.task, args.device), 2)}
     except (DataError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"task": args.task, "top1": round(score, 2), "backbone": args.backbone,
-                      "train": args.train, "test": args.test}))
+    print(json.dumps({"task": args.task, **result, "backbone": args.backbone, "train": args.train,
+                      "test": args.test}))
     return 0
 
 

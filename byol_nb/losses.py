@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from byol_nb.distributed import global_mean
+
 
 def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
     """Per-sample ``2 - 2 cos(q, z')`` (B,). The target is detached here: it is a stop-gradient."""
@@ -111,7 +113,8 @@ def pixel_contrast_loss(queries: Tensor, keys: Tensor, mask: Tensor, temperature
     too. ``all_keys`` (M, C, H, W), gathered from every process and *including* this one's keys,
     only widens the denominator: the mask never touches another process's features. Without it the
     negatives are this process's batch. Keys are detached (they come from the target network).
-    Query pixels without any positive are left out; a batch with none gives 0.
+    Query pixels without any positive are left out of the mean, whose count is global across
+    processes (:func:`byol_nb.distributed.global_mean`); a batch with none gives 0.
     """
     batch, channels = queries.shape[:2]
     q = F.normalize(queries.flatten(2).float(), dim=1).transpose(1, 2)  # (B, N, C)
@@ -124,7 +127,8 @@ def pixel_contrast_loss(queries: Tensor, keys: Tensor, mask: Tensor, temperature
     log_denominator = (q.reshape(-1, channels) @ bank.T / temperature).logsumexp(-1).view(batch, -1)
     has_positive = mask.any(-1)
     per_pixel = torch.where(has_positive, log_denominator - log_numerator, torch.zeros_like(log_numerator))
-    return per_pixel.sum() / has_positive.sum().clamp_min(1)
+    # The number of query pixels with a positive differs between processes: divide by the global count.
+    return global_mean(per_pixel.sum(), has_positive.sum())
 
 
 def symmetric_pixel_contrast_loss(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, mask: Tensor,

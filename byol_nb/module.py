@@ -183,12 +183,10 @@ class BYOLModule(pl.LightningModule):
     def global_keys(self, keys: Tensor) -> Tensor:
         """Every process's target pixels, for pixel contrast's negatives (the global batch).
 
-        This is the one place where the pixel branch crosses processes. Keys come from the target
-        network and carry no gradient, so a plain all-gather suffices; masks stay local.
+        This is the one place where the pixel branch crosses processes (the identity in one
+        process). The positive-pair masks stay local: they are never applied to gathered keys.
         """
-        if self.trainer.world_size == 1:
-            return keys
-        return self.all_gather(keys).flatten(0, 1)
+        return gather_with_grad(keys)
 
     @staticmethod
     def collapse_std(projection: Tensor) -> Tensor:

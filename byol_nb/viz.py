@@ -259,3 +259,91 @@ def plot_agreement(panels: dict[str, tuple["torch.Tensor", "torch.Tensor"]], xla
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
+
+
+# ---- PixPro figures: positive pixel pairs, feature maps as colours --------------------------------
+
+
+def plot_positive_pairs(view1, view2, size: tuple[int, int], cell: tuple[int, int], index: int = 0,
+                        threshold: float = 0.7, panel: float = 2.6):
+    """PixPro's positive pairs for one feature-map cell: ``cell`` = (row, column) of view 1 outlined,
+    and every cell of view 2 that :func:`byol_nb.losses.positive_pixel_mask` pairs with it lit up.
+
+    ``view1``/``view2`` are :class:`byol_nb.augment.View` s, ``index`` picks the sample and ``size``
+    is the feature map's (H, W), e.g. ``Backbone.feature_map(images).shape[-2:]``.
+    """
+    from byol_nb.augment import denormalize
+    from byol_nb.losses import positive_pixel_mask
+
+    height, width = size
+    row, col = cell
+    if not (0 <= row < height and 0 <= col < width):
+        raise ValueError(f"cell {cell} is outside the {height}x{width} feature map")
+    pick = slice(index, index + 1)
+    mask = positive_pixel_mask(view1.boxes[pick], view1.flips[pick], view2.boxes[pick], view2.flips[pick],
+                               size, threshold)[0]
+    positives = mask[row * width + col].view(height, width)
+    side = view1.images.shape[-1]
+    cell_w, cell_h = side / width, side / height
+    fig, axes = plt.subplots(1, 2, figsize=(2 * panel, panel + 0.3))
+    for ax, view in zip(axes, (view1, view2)):
+        ax.imshow(to_display(denormalize(view.images[pick])[0]), interpolation="nearest")
+        for k in range(1, width):
+            ax.axvline(k * cell_w - 0.5, color="white", linewidth=0.5, alpha=0.5)
+        for k in range(1, height):
+            ax.axhline(k * cell_h - 0.5, color="white", linewidth=0.5, alpha=0.5)
+        ax.axis("off")
+    axes[0].add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, facecolor=VIEW_COLOURS[0],
+                                alpha=0.45, edgecolor=VIEW_COLOURS[0], linewidth=2))
+    for r, c in positives.nonzero().tolist():
+        axes[1].add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, facecolor=VIEW_COLOURS[0],
+                                    alpha=0.45, edgecolor=VIEW_COLOURS[0], linewidth=2))
+    flips = ", ".join(f"view {k + 1} flipped" for k, v in enumerate((view1, view2)) if bool(v.flips[index]))
+    axes[0].set_title(f"view 1, cell {tuple(cell)}", fontsize=9)
+    axes[1].set_title(f"view 2: {int(positives.sum())} positive cell(s)", fontsize=9)
+    if flips:
+        fig.suptitle(flips, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def feature_pca_rgb(feature_maps: "torch.Tensor") -> "torch.Tensor":
+    """Feature maps (B, C, H, W) or (C, H, W) as colours (B, H, W, 3) in [0, 1]: the first three
+    principal components of all cells of the batch together (so colours are comparable across
+    images), each scaled to [0, 1]. Signs are fixed so the same features always give the same colours.
+    """
+    fmap = feature_maps.detach().float().cpu()
+    if fmap.ndim == 3:
+        fmap = fmap.unsqueeze(0)
+    batch, channels, height, width = fmap.shape
+    cells = fmap.permute(0, 2, 3, 1).reshape(-1, channels)
+    cells = cells - cells.mean(0)
+    _, _, directions = torch.linalg.svd(cells, full_matrices=False)
+    directions = directions[:3]
+    directions = directions * directions.gather(1, directions.abs().argmax(1, keepdim=True)).sign()
+    components = cells @ directions.T
+    if components.shape[1] < 3:  # fewer channels or cells than three components
+        components = torch.cat([components, components.new_zeros(len(components), 3 - components.shape[1])], 1)
+    low, high = components.min(0).values, components.max(0).values
+    scaled = (components - low) / (high - low).clamp_min(1e-12)
+    return scaled.view(batch, height, width, 3)
+
+
+def plot_feature_pca(feature_maps: "torch.Tensor", images: "torch.Tensor | None" = None,
+                     titles: list[str] | None = None, panel: float = 1.6):
+    """A feature map per image shown as colours (:func:`feature_pca_rgb`), under the images when given
+    (uint8 or [0, 1] float (B, 3, S, S)): cells of one object should share a colour."""
+    rgb = feature_pca_rgb(feature_maps)
+    n = len(rgb)
+    rows = 1 if images is None else 2
+    fig, axes = plt.subplots(rows, n, figsize=(panel * n, panel * rows + 0.2), squeeze=False)
+    for i in range(n):
+        if images is not None:
+            axes[0, i].imshow(to_display(images[i]), interpolation="nearest")
+        axes[-1, i].imshow(rgb[i].numpy(), interpolation="nearest")
+        if titles is not None:
+            axes[0, i].set_title(titles[i], fontsize=8)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
