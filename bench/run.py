@@ -76,7 +76,7 @@ def machine() -> dict:
     import psutil
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()}
+            "load_avg_start": os.getloadavg()}
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
@@ -103,7 +103,8 @@ def speed(args: argparse.Namespace, source: str | None) -> list[dict]:
         for repeat in range(args.repeats):
             for name in runners if repeat % 2 == 0 else runners[::-1]:
                 spec = dict(task="speed", runner=name, size=size, batch=args.batch, steps=args.steps,
-                            warmup=args.warmup, workers=args.workers, precision=args.precision, pixels=pixels)
+                            warmup=args.warmup, workers=args.workers, precision=args.precision,
+                            threads=args.threads, pixels=pixels)
                 result = run_worker(spec)
                 runs[name].append(result)
                 print(f"  {size:>3} px  repeat {repeat + 1}/{args.repeats}  {name:<13} "
@@ -125,7 +126,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
     for name in [*PEERS, "random-init"]:
         spec = dict(task="quality", runner=name, size=args.quality_size, batch=args.batch,
                     steps=args.quality_steps, workers=args.workers, precision=args.precision,
-                    pixels=train, test_pixels=test)
+                    threads=args.threads, pixels=train, test_pixels=test)
         result = run_worker(spec)
         print(f"  {name:<13} kNN top-1 {result['knn_top1']:5.1f}%  ({result['train_s']:.0f} s)", flush=True)
         rows.append(result)
@@ -166,6 +167,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader workers for lightly (its examples use workers)")
     p.add_argument("--precision", default="auto", help="byol_nb's --precision")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per run (0: torch's default); 1 keeps a crowded machine's timings sane")
     p.add_argument("--quality-steps", type=int, default=150)
     p.add_argument("--quality-size", type=int, default=32)
     p.add_argument("--skip-quality", action="store_true")

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ddp_notebook, ...")
     hw.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=d.sync_bn,
                     help="with several processes, BatchNorm statistics over the global batch")
-    hw.add_argument("--precision", default="auto", help="auto (bf16-mixed on GPUs that support it, else 32), 32, bf16-mixed, 16-mixed")
+    hw.add_argument("--precision", default="auto",
+                    help="auto (bf16-mixed on GPUs that support it and on AMX CPUs from 64 px, else 32), "
+                         "32, bf16-mixed, 16-mixed")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/byol", help="output folder")
     run.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
@@ -92,11 +94,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
+# From this image size up, bf16 autocast beats fp32 on CPUs with AMX tiles (BENCHMARKS.md: 1.7x for
+# ResNet-18 at 64 px); below it, the feature maps are so small that the casts cost what the matrix
+# units save.
+CPU_BF16_MIN_SIZE = 64
+
+
+def resolve_precision(precision: str, accelerator: str, image_size: int = 0) -> str:
+    """``auto``: bf16-mixed on GPUs that support it, and on CPUs with AMX for images of
+    ``CPU_BF16_MIN_SIZE`` px or more (measured, see BENCHMARKS.md); 32-true otherwise."""
     if precision != "auto":
         return precision
     gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    if gpu:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16-mixed" if amx and image_size >= CPU_BF16_MIN_SIZE else "32-true"
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -184,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         callbacks.append(failure)
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=devices, num_nodes=num_nodes, strategy=args.strategy,
-        precision=resolve_precision(args.precision, args.accelerator),
+        precision=resolve_precision(args.precision, args.accelerator, args.image_size),
         max_epochs=args.max_epochs if args.max_steps is None else -1, max_steps=args.max_steps or -1,
         callbacks=callbacks, enable_checkpointing=datamodule.spec.val is not None, plugins=[AtomicCheckpointIO()],
         logger=CSVLogger(out, name="logs", version=""), log_every_n_steps=10,
