@@ -234,15 +234,16 @@ def train_lightly(setup: Setup) -> Trained:
 # ---- the ideal step -------------------------------------------------------------------------------
 def ideal_step(setup: Setup) -> Trained:
     """byol_nb's networks and loss on fixed, already augmented views: no data, no augmentation, no
-    optimizer, no EMA, no Lightning. Memory format and precision follow what byol_nb's step uses."""
+    optimizer, no EMA, no Lightning. Memory format and precision are those of byol_nb's step."""
     from byol_nb.augment import AugmentConfig, TwoViewAugment
     from byol_nb.losses import symmetric_byol_loss
-    from byol_nb.models import Backbone, BYOLNetworks
+    from byol_nb.module import BYOLModule, TrainConfig
     from byol_nb.train import resolve_precision
 
     torch.manual_seed(setup.seed)
     device = setup.device
-    nets = BYOLNetworks(Backbone("resnet18"), HIDDEN, OUT).to(device)
+    # The module's own networks, so the ideal follows whatever layout byol_nb trains with.
+    nets = BYOLModule(TrainConfig(image_size=setup.size, proj_hidden=HIDDEN, proj_dim=OUT)).nets.to(device)
     images = setup.pixels[: setup.batch].to(device)
     view1, view2 = TwoViewAugment(AugmentConfig(setup.size)).to(device)(images, seed=setup.seed)
     both = torch.cat([view1.images, view2.images]).contiguous(memory_format=torch.channels_last)

@@ -169,7 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="byol_nb's --precision")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per run (0: torch's default); 1 keeps a crowded machine's timings sane")
-    p.add_argument("--quality-steps", type=int, default=150)
+    p.add_argument("--quality-steps", type=int, default=100)
     p.add_argument("--quality-size", type=int, default=32)
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")

@@ -1,0 +1,107 @@
+"""Where a byol_nb step's time goes, part by part, and what each optimisation option gives.
+
+    python -m bench.components --sizes 32 64 --threads 1
+
+Times the parts of one step separately (batch 64, two views) in process CPU time, which a crowded
+machine disturbs far less than wall-clock time: the online forward + backward and target forward
+on fixed views under each memory-format/precision option, the two-view augmentation, the LARS step
+and the EMA update. The options that :mod:`bench.run` shows paying end to end were chosen from this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from byol_nb.augment import AugmentConfig, TwoViewAugment
+from byol_nb.ema import ema_update_
+from byol_nb.losses import symmetric_byol_loss
+from byol_nb.models import Backbone, BYOLNetworks
+from byol_nb.optim import build_optimizer
+
+OPTIONS = {  # name: (channels_last weights, bf16 autocast)
+    "fp32, contiguous weights": (False, False),
+    "fp32, channels_last weights": (True, False),
+    "bf16, contiguous weights": (False, True),
+    "bf16, channels_last weights": (True, True),
+}
+
+
+def cpu_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median process CPU time of ``fn`` in ms, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return 1000 * statistics.median(times)
+
+
+def networks(channels_last: bool) -> BYOLNetworks:
+    torch.manual_seed(0)
+    nets = BYOLNetworks(Backbone("resnet18"), 1024, 256)
+    return nets.to(memory_format=torch.channels_last) if channels_last else nets
+
+
+def model_step(nets: BYOLNetworks, both: Tensor, bf16: bool) -> Callable[[], None]:
+    """The ideal step of :func:`bench.peers.ideal_step`, as a closure."""
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, projection = nets.online(both)
+            prediction = nets.predictor(projection)
+            with torch.no_grad():
+                _, target = nets.target(both)
+            p1, p2 = prediction.chunk(2)
+            z1, z2 = target.chunk(2)
+            loss = symmetric_byol_loss(p1, p2, z1, z2)
+        nets.zero_grad(set_to_none=True)
+        loss.backward()
+    return step
+
+
+def measure(size: int, batch: int, repeats: int) -> dict[str, float]:
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    augment = TwoViewAugment(AugmentConfig(size))
+    view1, view2 = augment(images, seed=0)
+    both = torch.cat([view1.images, view2.images]).contiguous(memory_format=torch.channels_last)
+    result = {}
+    for name, (channels_last, bf16) in OPTIONS.items():
+        result[f"model step, {name}"] = cpu_ms(model_step(networks(channels_last), both, bf16), repeats)
+    nets = networks(True)
+    model_step(nets, both, False)()  # gradients for the optimizer
+    optimizer = build_optimizer("lars", nets, 0.5, 1.5e-6)
+    result["augmentation (two views)"] = cpu_ms(lambda: augment(images, seed=1), repeats)
+    result["LARS step"] = cpu_ms(optimizer.step, repeats)
+    result["EMA update"] = cpu_ms(lambda: ema_update_(nets.target, nets.online, 0.99), repeats)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.components", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {size: measure(size, args.batch, args.repeats) for size in args.sizes}
+    sizes = " | ".join(f"{s} px" for s in args.sizes)
+    print(f"| part (CPU ms, {args.threads} thread(s), batch {args.batch}) | {sizes} |")
+    print("|---|" + "---:|" * len(args.sizes))
+    for key in results[args.sizes[0]]:
+        print(f"| {key} | " + " | ".join(f"{results[s][key]:.0f}" for s in args.sizes) + " |")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
