@@ -106,7 +106,7 @@ class BYOLModule(pl.LightningModule):
         backbone = Backbone(config.backbone, small_stem=config.small_stem, pretrained=config.pretrained)
         self.nets = BYOLNetworks(backbone, config.proj_hidden, config.proj_dim, pixel=config.pixel)
         # channels_last weights, like the channels_last input of every step: oneDNN then reorders
-        # nothing per convolution (7-10% of a CPU step, see BENCHMARKS.md).
+        # nothing per convolution (4-13% of a CPU model step, see BENCHMARKS.md).
         self.nets.to(memory_format=torch.channels_last)
         if config.pixel and config.instance_weight == 0:
             # Unused heads must not require gradients: DDP would wait for them, the optimizer skip them.

@@ -94,9 +94,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-# From this image size up, bf16 autocast beats fp32 on CPUs with AMX tiles (BENCHMARKS.md: 1.7x for
-# ResNet-18 at 64 px); below it, the feature maps are so small that the casts cost what the matrix
-# units save.
+# From this image size up, bf16 autocast beats fp32 on CPUs with AMX tiles (BENCHMARKS.md: 1.3-2.1x
+# less CPU per ResNet-18 step at 64 px); below it, the feature maps are so small that the casts cost
+# what the matrix units save.
 CPU_BF16_MIN_SIZE = 64
 
 
