@@ -52,6 +52,7 @@ class TrainConfig:
     pretrained: bool = False
     image_size: int = 32
     crop_min_scale: float = 0.2  # paper: 0.08; small images lose the object in tinier crops
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     batch_size: int = 128  # per process
     optimizer: str = "lars"
     lr: float = 2.0  # paper: 0.2 with batch 4096 (ImageNet); short small-image runs need more
@@ -81,6 +82,12 @@ def check_config(config: TrainConfig) -> None:
     """Raise ValueError, naming the flag to change, for a configuration that cannot train."""
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(METHODS)}")
+    if not 0 < config.crop_min_scale <= 1:
+        raise ValueError(f"--crop-min-scale must be in (0, 1], got {config.crop_min_scale}")
+    brightness, contrast, saturation, hue = config.jitter
+    if min(brightness, contrast, saturation, hue) < 0 or hue > 0.5:
+        raise ValueError(f"--jitter strengths must be 0 or more, with hue at most 0.5 (a half turn of the "
+                         f"colour wheel), got {' '.join(str(v) for v in config.jitter)}")
     if not config.pixel:
         return
     side = Backbone.feature_side(config.image_size, config.small_stem)
@@ -112,7 +119,8 @@ class BYOLModule(pl.LightningModule):
             # Unused heads must not require gradients: DDP would wait for them, the optimizer skip them.
             self.nets.online.projector.requires_grad_(False)
             self.nets.predictor.requires_grad_(False)
-        self.augment = TwoViewAugment(AugmentConfig(config.image_size, crop_scale=(config.crop_min_scale, 1.0)))
+        self.augment = TwoViewAugment(AugmentConfig(config.image_size, crop_scale=(config.crop_min_scale, 1.0),
+                                                    jitter=tuple(config.jitter)))
         self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
     @property

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, default=d.image_size)
     data.add_argument("--crop-min-scale", type=float, default=d.crop_min_scale,
                       help="smallest crop area, as a fraction of the image (paper: 0.08)")
+    data.add_argument("--jitter", type=float, nargs=4, default=d.jitter, metavar=("B", "C", "S", "H"),
+                      help="colour jitter strengths: brightness, contrast, saturation, hue (hue at most 0.5)")
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: cached in memory)")
     model = p.add_argument_group("model")
     model.add_argument("--method", choices=METHODS, default=d.method)
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # Lightning cannot see that ResumableSampler continues mid-epoch exactly; it does.
     warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
 
     datamodule = SSLDataModule(args.data, args.val_data, args.image_size, args.batch_size, args.num_workers,
                                seed=config.seed)
