@@ -117,13 +117,15 @@ def describe_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor
     return "; ".join(parts) or None
 
 
-def check_resume(path: str | Path, config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> list[str]:
+def check_resume(path: str | Path, config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
+                 ) -> tuple[list[str], int]:
     """Check that the Lightning checkpoint ``path`` can continue a run with ``config``.
 
     Raises :class:`CheckpointError` naming what differs when it cannot (another architecture,
     another program's checkpoint, an older layout of the networks). Returns the settings that
     differ but still load (``"lr: 2.0 in the checkpoint, 1.0 now"``): the caller warns, because
-    the continuation is then no longer the run that was interrupted.
+    the continuation is then no longer the run that was interrupted. Also returns the checkpoint's
+    global step.
     """
     checkpoint = safe_load(path, mmap=True)
     saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
@@ -140,7 +142,8 @@ def check_resume(path: str | Path, config: Mapping[str, Any], state_dict: Mappin
     if mismatch:
         raise CheckpointError(f"the weights in {str(path)!r} do not fit this version's networks ({mismatch}); "
                               f"it was written by an older byol_nb: start fresh with a new --out")
-    return [f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changed.items()]
+    return ([f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changed.items()],
+            int(checkpoint.get("global_step", 0)))
 
 
 def save_backbone(backbone: Backbone, path: str | Path, **extra: object) -> Path:

@@ -11,6 +11,7 @@ the job is also put back in the queue (``scontrol requeue``), to continue with `
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.loggers.logger import rank_zero_experiment
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -93,3 +97,46 @@ def requeue_slurm_job() -> bool:
     if result.returncode != 0:
         rank_zero_warn(f"scontrol requeue {job} failed ({result.stderr.strip()}); resubmit it with --resume")
     return result.returncode == 0
+
+
+class _HistoryKeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; this one keeps its rows before
+    ``resume_step`` (those after it are replayed by the resumed run, so they would be doubled)."""
+
+    def __init__(self, log_dir: str, resume_step: int) -> None:
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            rows = [row for row in reader if int(row.get("step") or 0) < self.resume_step]
+            keys = list(reader.fieldnames or [])
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = sorted(keys)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A CSVLogger whose curves survive a resume: with ``resume_step`` (the checkpoint's global
+    step) the history before the interruption stays in metrics.csv and the run appends to it.
+
+    Use it with ``flush_logs_every_n_steps=1``: rows still in memory die with a SIGKILL, and the
+    resumed run does not log the steps before its checkpoint again."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = (ExperimentWriter(self.log_dir) if self.resume_step is None
+                                else _HistoryKeepingWriter(self.log_dir, self.resume_step))
+        return self._experiment

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 
 from byol_nb.callbacks import FailureInjection, ThroughputMonitor
 from byol_nb.checkpoint import AtomicCheckpointIO, CheckpointError, check_resume, save_backbone
@@ -31,7 +30,7 @@ from byol_nb.evaluate import evaluate_backbone
 from byol_nb.models import BACKBONES
 from byol_nb.module import METHODS, BYOLModule, TrainConfig, check_config
 from byol_nb.optim import OPTIMIZERS
-from byol_nb.resume import LastCheckpoint, requeue_slurm_job
+from byol_nb.resume import LastCheckpoint, ResumableCSVLogger, requeue_slurm_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     run.add_argument("--save-every-n-steps", type=int, default=200,
                      help="write OUT/last.ckpt every N optimizer steps (also at the end, and on SIGTERM/SIGUSR1)")
+    run.add_argument("--log-every-n-steps", type=int, default=10, help="steps between rows of logs/metrics.csv")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar (logs only)")
     return p
 
@@ -117,7 +117,7 @@ def resolve_precision(precision: str, accelerator: str, image_size: int = 0) -> 
 def validate_args(args: argparse.Namespace) -> None:
     """Stop before any work with one clear line for values that cannot work."""
     for flag in ("batch_size", "max_epochs", "max_steps", "save_every_n_steps", "num_nodes", "proj_hidden",
-                 "proj_dim"):
+                 "proj_dim", "log_every_n_steps"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive, got {value}")
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     module = BYOLModule(config)
     initial_backbone = copy.deepcopy(module.backbone.state_dict())
     resume_from = out / "last.ckpt" if args.resume else None
-    if resume_from is not None:
-        _check_resume(resume_from, config, module)
+    resume_step = _check_resume(resume_from, config, module) if resume_from is not None else None
     throughput = ThroughputMonitor()
     last = LastCheckpoint(out / "last.ckpt", args.save_every_n_steps)
     callbacks: list[pl.Callback] = [throughput, last]
@@ -203,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         precision=resolve_precision(args.precision, args.accelerator, args.image_size),
         max_epochs=args.max_epochs if args.max_steps is None else -1, max_steps=args.max_steps or -1,
         callbacks=callbacks, enable_checkpointing=datamodule.spec.val is not None, plugins=[AtomicCheckpointIO()],
-        logger=CSVLogger(out, name="logs", version=""), log_every_n_steps=10,
+        logger=ResumableCSVLogger(out, name="logs", version="", resume_step=resume_step, flush_logs_every_n_steps=1),
+        log_every_n_steps=args.log_every_n_steps,
         enable_progress_bar=not args.no_progress, enable_model_summary=False, deterministic=False,
         num_sanity_val_steps=0)
     started = time.perf_counter()
@@ -234,18 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_resume(path: Path, config: TrainConfig, module: BYOLModule) -> None:
+def _check_resume(path: Path, config: TrainConfig, module: BYOLModule) -> int:
     """Stop with one line when OUT/last.ckpt is missing, unsafe or from another architecture; warn
-    when other settings changed (the continuation is then not the interrupted run)."""
+    when other settings changed (the continuation is then not the interrupted run). Returns the
+    checkpoint's global step."""
     if not path.is_file():
         raise SystemExit(f"error: --resume given but {path} does not exist; drop --resume to start fresh")
     try:
-        changed = check_resume(path, asdict(config), module.state_dict())
+        changed, step = check_resume(path, asdict(config), module.state_dict())
     except CheckpointError as error:
         raise SystemExit(f"error: {error}") from None
     if changed:
         warnings.warn(f"resuming {path} with changed settings ({'; '.join(changed)}): the run will not "
                       f"match one that was never interrupted", stacklevel=2)
+    return step
 
 
 def _last_logged(trainer: pl.Trainer, key: str) -> float | None:

@@ -7,6 +7,7 @@ same online and target weights, optimizer state and step count as a run never in
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -29,7 +30,8 @@ from byol_nb.ema import cosine_momentum
 
 MAX_STEPS = 12  # 48 images / batch 8 = 6 steps per epoch: the run crosses an epoch boundary
 FLAGS = ["--image-size", "16", "--batch-size", "8", "--proj-hidden", "64", "--proj-dim", "32", "--seed", "3",
-         "--accelerator", "cpu", "--no-progress", "--max-steps", str(MAX_STEPS), "--save-every-n-steps", "2"]
+         "--accelerator", "cpu", "--no-progress", "--max-steps", str(MAX_STEPS), "--save-every-n-steps", "2",
+         "--log-every-n-steps", "1"]
 
 
 def _command(data: Path, out: Path, *extra: str) -> list[str]:
@@ -44,23 +46,37 @@ def _step(checkpoint: Path) -> int:
     return int(torch.load(checkpoint, weights_only=True)["global_step"])
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """Cheap enough to poll while training runs (loading the checkpoint is not, on a busy machine)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def _interrupt(command: list[str], out: Path, signum: int, env: dict[str, str], delay: float
                ) -> subprocess.CompletedProcess:
     """Start ``command``, wait until it has written a checkpoint newer than the one it resumed from,
     let it run ``delay`` seconds longer (part of a step), then send ``signum``."""
     last = out / "last.ckpt"
-    start_step = _step(last) if last.exists() else -1
+    start = _file_id(last)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if last.exists() and _step(last) > start_step:
+        if _file_id(last) not in (None, start):  # atomic saves replace the file: a new inode
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     time.sleep(delay)
     assert process.poll() is None, f"the run ended before it could be interrupted:\n{process.communicate()[1]}"
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _losses_by_step(run: Path) -> dict[int, float]:
+    with open(run / "logs" / "metrics.csv", newline="") as file:
+        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(file) if row["train/loss"]}
 
 
 def _assert_same_state(resumed: Path, reference: Path) -> None:
@@ -110,6 +126,10 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_state(tiny_shapes, 
                               timeout=600)
     assert finished.returncode == 0, finished.stderr
     _assert_same_state(out / "last.ckpt", reference / "last.ckpt")
+    resumed_log, reference_log = _losses_by_step(out), _losses_by_step(reference)
+    assert sorted(resumed_log) == sorted(reference_log) == list(range(MAX_STEPS)), "log rows lost or doubled"
+    for step, loss in reference_log.items():
+        assert resumed_log[step] == pytest.approx(loss, rel=1e-5), step
     torch.testing.assert_close(torch.load(out / "backbone.pt", weights_only=True)["state_dict"],
                                torch.load(reference / "backbone.pt", weights_only=True)["state_dict"])
 
