@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import sys
 import time
@@ -31,6 +32,13 @@ from byol_nb.models import BACKBONES
 from byol_nb.module import METHODS, BYOLModule, TrainConfig, check_config
 from byol_nb.optim import OPTIMIZERS
 from byol_nb.resume import LastCheckpoint, ResumableCSVLogger, requeue_slurm_job
+
+
+class _NoAdvertisements(logging.Filter):
+    """Drops Lightning's tip about its cloud logger: one line of noise in every run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     # Lightning cannot see that ResumableSampler continues mid-epoch exactly; it does.
     warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning's own use of a deprecated torch API
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdvertisements())
 
     datamodule = SSLDataModule(args.data, args.val_data, args.image_size, args.batch_size, args.num_workers,
                                seed=config.seed)
