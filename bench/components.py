@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from bench import peers
 from byol_nb.augment import AugmentConfig, TwoViewAugment
 from byol_nb.ema import ema_update_
-from byol_nb.losses import symmetric_byol_loss
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.optim import build_optimizer
 
@@ -53,18 +53,7 @@ def networks(channels_last: bool) -> BYOLNetworks:
 
 def model_step(nets: BYOLNetworks, both: Tensor, bf16: bool) -> Callable[[], None]:
     """The ideal step of :func:`bench.peers.ideal_step`, as a closure."""
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            _, projection = nets.online(both)
-            prediction = nets.predictor(projection)
-            with torch.no_grad():
-                _, target = nets.target(both)
-            p1, p2 = prediction.chunk(2)
-            z1, z2 = target.chunk(2)
-            loss = symmetric_byol_loss(p1, p2, z1, z2)
-        nets.zero_grad(set_to_none=True)
-        loss.backward()
-    return step
+    return lambda: peers.model_step(nets, both, bf16)
 
 
 def measure(size: int, batch: int, repeats: int) -> dict[str, float]:

@@ -232,11 +232,26 @@ def train_lightly(setup: Setup) -> Trained:
 
 
 # ---- the ideal step -------------------------------------------------------------------------------
+def model_step(nets: "BYOLNetworks", both: Tensor, bf16: bool) -> None:  # noqa: F821 (byol_nb is imported lazily)
+    """The model work every BYOL step must do: online forward and backward, target forward."""
+    from byol_nb.losses import symmetric_byol_loss
+
+    with torch.autocast(both.device.type, dtype=torch.bfloat16, enabled=bf16):
+        _, projection = nets.online(both)
+        prediction = nets.predictor(projection)
+        with torch.no_grad():
+            _, target = nets.target(both)
+        p1, p2 = prediction.chunk(2)
+        z1, z2 = target.chunk(2)
+        loss = symmetric_byol_loss(p1, p2, z1, z2)
+    nets.zero_grad(set_to_none=True)
+    loss.backward()
+
+
 def ideal_step(setup: Setup) -> Trained:
     """byol_nb's networks and loss on fixed, already augmented views: no data, no augmentation, no
     optimizer, no EMA, no Lightning. Memory format and precision are those of byol_nb's step."""
     from byol_nb.augment import AugmentConfig, TwoViewAugment
-    from byol_nb.losses import symmetric_byol_loss
     from byol_nb.module import BYOLModule, TrainConfig
     from byol_nb.train import resolve_precision
 
@@ -251,16 +266,7 @@ def ideal_step(setup: Setup) -> Trained:
     clock = Clock()
     for _ in range(setup.steps):
         clock.tick()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            _, projection = nets.online(both)
-            prediction = nets.predictor(projection)
-            with torch.no_grad():
-                _, target = nets.target(both)
-            p1, p2 = prediction.chunk(2)
-            z1, z2 = target.chunk(2)
-            loss = symmetric_byol_loss(p1, p2, z1, z2)
-        nets.zero_grad(set_to_none=True)
-        loss.backward()
+        model_step(nets, both, bf16)
     clock.tick()
     return Trained(nets.backbone, clock.stamps)
 
