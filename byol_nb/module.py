@@ -51,7 +51,7 @@ class TrainConfig:
     small_stem: bool = False
     pretrained: bool = False
     image_size: int = 32
-    crop_min_scale: float = 0.2  # paper: 0.08; small images lose the object in tinier crops
+    crop_min_scale: float = 0.35  # paper: 0.08; small images lose the object in tinier crops (BENCHMARKS.md)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     batch_size: int = 128  # per process
     optimizer: str = "lars"

@@ -11,7 +11,6 @@ import torch
 
 import byol_nb
 from byol_nb import train
-from byol_nb.checkpoint import load_backbone
 from byol_nb.evaluate import knn_top1, linear_probe_top1
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--proj-hidden", "64", "--no-progress"]
@@ -40,8 +39,8 @@ def test_training_writes_checkpoint_backbone_and_metrics(trained_run):
 @pytest.mark.slow
 def test_load_backbone_gives_pooled_and_dense_features(trained_run):
     images = byol_nb.augment.normalize(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
-    pooled = load_backbone(trained_run / "backbone.pt")(images)
-    dense = load_backbone(trained_run / "backbone.pt", dense=True)(images)
+    pooled = byol_nb.load_backbone(trained_run / "backbone.pt")(images)  # the name users call
+    dense = byol_nb.load_backbone(trained_run / "backbone.pt", dense=True)(images)
     assert pooled.shape == (2, 512)
     assert dense.shape == (2, 512, 1, 1)
     torch.testing.assert_close(dense.mean(dim=(2, 3)), pooled)
@@ -77,3 +76,15 @@ def test_unknown_path_stops_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train.cli(["--data", str(tmp_path / "nowhere"), "--max-steps", "1", "--out", str(tmp_path / "o")])
     assert "does not exist" in str(stop.value)
+
+
+def test_training_crops_come_from_twice_the_view_size(tiny_shapes):
+    """Views are cut from images decoded at 2x the view size (sharp crops); the kNN monitor's
+    images, which are not cropped, stay at the view size."""
+    from byol_nb.data import SSLDataModule
+
+    datamodule = SSLDataModule(str(tiny_shapes / "train"), str(tiny_shapes / "test"), 16, batch_size=8)
+    datamodule.setup()
+    assert datamodule.train_set[0][0].shape == (3, 32, 32)
+    assert datamodule.val_set[0][0].shape == datamodule.bank_set[0][0].shape == (3, 16, 16)
+    assert SSLDataModule("cifar10", None, 32, batch_size=8).crop_source_size == 32  # no detail to gain
