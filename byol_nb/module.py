@@ -52,7 +52,7 @@ class TrainConfig:
     pretrained: bool = False
     image_size: int = 32
     crop_min_scale: float = 0.35  # paper: 0.08; small images lose the object in tinier crops (BENCHMARKS.md)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter: tuple[float, float, float, float] = AugmentConfig.jitter  # brightness, contrast, saturation, hue
     batch_size: int = 128  # per process
     optimizer: str = "lars"
     lr: float = 2.0  # paper: 0.2 with batch 4096 (ImageNet); short small-image runs need more
