@@ -4,7 +4,7 @@
 
 Times the parts of one step separately (batch 64, two views) in process CPU time, which a crowded
 machine disturbs far less than wall-clock time: the online forward + backward and target forward
-on fixed views under each memory-format/precision option, the two-view augmentation, the LARS step
+on fixed views under each memory-format/precision/convolution option, the two-view augmentation, the LARS step
 and the EMA update. The options that :mod:`bench.run` shows paying end to end were chosen from this.
 """
 
@@ -23,14 +23,17 @@ from torch import Tensor
 from bench import peers
 from byol_nb.augment import AugmentConfig, TwoViewAugment
 from byol_nb.ema import ema_update_
+from byol_nb.matmul_conv import use_matmul_convs
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.optim import build_optimizer
 
-OPTIONS = {  # name: (channels_last weights, bf16 autocast)
-    "fp32, contiguous weights": (False, False),
-    "fp32, channels_last weights": (True, False),
-    "bf16, contiguous weights": (False, True),
-    "bf16, channels_last weights": (True, True),
+OPTIONS = {  # name: (channels_last weights, bf16 autocast, matmul convolutions on tiny maps)
+    "fp32, contiguous weights, oneDNN convs": (False, False, False),
+    "fp32, channels_last weights, oneDNN convs": (True, False, False),
+    "bf16, contiguous weights, oneDNN convs": (False, True, False),
+    "bf16, channels_last weights, oneDNN convs": (True, True, False),
+    "fp32, channels_last weights, matmul convs": (True, False, True),
+    "bf16, channels_last weights, matmul convs": (True, True, True),
 }
 
 
@@ -45,9 +48,9 @@ def cpu_ms(fn: Callable[[], object], repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def networks(channels_last: bool) -> BYOLNetworks:
+def networks(channels_last: bool, matmul_convs: bool = True) -> BYOLNetworks:
     torch.manual_seed(0)
-    nets = BYOLNetworks(Backbone("resnet18"), 1024, 256)
+    nets = use_matmul_convs(BYOLNetworks(Backbone("resnet18"), 1024, 256), enable=matmul_convs)
     return nets.to(memory_format=torch.channels_last) if channels_last else nets
 
 
@@ -63,8 +66,9 @@ def measure(size: int, batch: int, repeats: int) -> dict[str, float]:
     view1, view2 = augment(images, seed=0)
     both = torch.cat([view1.images, view2.images]).contiguous(memory_format=torch.channels_last)
     result = {}
-    for name, (channels_last, bf16) in OPTIONS.items():
-        result[f"model step, {name}"] = cpu_ms(model_step(networks(channels_last), both, bf16), repeats)
+    for name, (channels_last, bf16, matmul_convs) in OPTIONS.items():
+        nets = networks(channels_last, matmul_convs)
+        result[f"model step, {name}"] = cpu_ms(model_step(nets, both, bf16), repeats)
     nets = networks(True)
     model_step(nets, both, False)()  # gradients for the optimizer
     optimizer = build_optimizer("lars", nets, 0.5, 1.5e-6)

@@ -118,7 +118,7 @@ def train_byol_nb(setup: Setup) -> Trained:
     dataset = TensorImages(hwc, [-1] * len(hwc), setup.size, classes=[])
     clock = StepClock()
     trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=setup.steps, logger=False,
-                         precision=resolve_precision(setup.precision, "auto", setup.size),
+                         precision=resolve_precision(setup.precision, "auto"),
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=[clock])
     trainer.fit(module, train_dataloaders=batches(setup, dataset))
@@ -262,7 +262,7 @@ def ideal_step(setup: Setup) -> Trained:
     images = setup.pixels[: setup.batch].to(device)
     view1, view2 = TwoViewAugment(AugmentConfig(setup.size)).to(device)(images, seed=setup.seed)
     both = torch.cat([view1.images, view2.images]).contiguous(memory_format=torch.channels_last)
-    bf16 = resolve_precision(setup.precision, "auto", setup.size) == "bf16-mixed"
+    bf16 = resolve_precision(setup.precision, "auto") == "bf16-mixed"
     clock = Clock()
     for _ in range(setup.steps):
         clock.tick()

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from byol_nb.matmul_conv import use_matmul_convs
+
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 
 
@@ -23,6 +25,8 @@ class Backbone(nn.Module):
 
     ``small_stem`` swaps the 7x7/2 convolution and the max-pool for one 3x3/1 convolution, the usual
     change for 32-64 px images (the feature map is then 8x smaller than the input instead of 32x).
+    Its convolutions are :class:`byol_nb.matmul_conv.MatmulConv2d`: on the CPU, those with tiny
+    outputs (the last stages on small images) run as one matrix multiply, 2x faster per step.
     """
 
     def __init__(self, name: str = "resnet18", small_stem: bool = False, pretrained: bool = False) -> None:
@@ -38,6 +42,7 @@ class Backbone(nn.Module):
         self.dim = resnet.fc.in_features
         self.body = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
                                   resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+        use_matmul_convs(self.body)
 
     def stride(self) -> int:
         """Input pixels per feature-map cell."""

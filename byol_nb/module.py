@@ -53,6 +53,7 @@ class TrainConfig:
     image_size: int = 32
     crop_min_scale: float = 0.35  # paper: 0.08; small images lose the object in tinier crops (BENCHMARKS.md)
     jitter: tuple[float, float, float, float] = AugmentConfig.jitter  # brightness, contrast, saturation, hue
+    grayscale_p: float = AugmentConfig.grayscale_p
     batch_size: int = 128  # per process
     optimizer: str = "lars"
     lr: float = 2.0  # paper: 0.2 with batch 4096 (ImageNet); short small-image runs need more
@@ -88,6 +89,8 @@ def check_config(config: TrainConfig) -> None:
     if min(brightness, contrast, saturation, hue) < 0 or hue > 0.5:
         raise ValueError(f"--jitter strengths must be 0 or more, with hue at most 0.5 (a half turn of the "
                          f"colour wheel), got {' '.join(str(v) for v in config.jitter)}")
+    if not 0 <= config.grayscale_p <= 1:
+        raise ValueError(f"--grayscale-p is a probability, in [0, 1], got {config.grayscale_p}")
     if not config.pixel:
         return
     side = Backbone.feature_side(config.image_size, config.small_stem)
@@ -120,7 +123,7 @@ class BYOLModule(pl.LightningModule):
             self.nets.online.projector.requires_grad_(False)
             self.nets.predictor.requires_grad_(False)
         self.augment = TwoViewAugment(AugmentConfig(config.image_size, crop_scale=(config.crop_min_scale, 1.0),
-                                                    jitter=tuple(config.jitter)))
+                                                    jitter=tuple(config.jitter), grayscale_p=config.grayscale_p))
         self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
     @property

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="smallest crop area, as a fraction of the image (paper: 0.08)")
     data.add_argument("--jitter", type=float, nargs=4, default=d.jitter, metavar=("B", "C", "S", "H"),
                       help="colour jitter strengths: brightness, contrast, saturation, hue (hue at most 0.5)")
+    data.add_argument("--grayscale-p", type=float, default=d.grayscale_p,
+                      help="probability that a view is turned grayscale (1: colour never tells two images apart)")
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: cached in memory)")
     model = p.add_argument_group("model")
     model.add_argument("--method", choices=METHODS, default=d.method)
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=d.sync_bn,
                     help="with several processes, BatchNorm statistics over the global batch")
     hw.add_argument("--precision", default="auto",
-                    help="auto (bf16-mixed on GPUs that support it and on AMX CPUs from 64 px, else 32), "
+                    help="auto (bf16-mixed on GPUs that support it and on AMX CPUs, else 32), "
                          "32, bf16-mixed, 16-mixed")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/byol", help="output folder")
@@ -104,22 +106,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-# From this image size up, bf16 autocast beats fp32 on CPUs with AMX tiles (BENCHMARKS.md: 1.3-2.1x
-# less CPU per ResNet-18 step at 64 px); below it, the feature maps are so small that the casts cost
-# what the matrix units save.
-CPU_BF16_MIN_SIZE = 64
-
-
-def resolve_precision(precision: str, accelerator: str, image_size: int = 0) -> str:
-    """``auto``: bf16-mixed on GPUs that support it, and on CPUs with AMX for images of
-    ``CPU_BF16_MIN_SIZE`` px or more (measured, see BENCHMARKS.md); 32-true otherwise."""
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bf16-mixed on GPUs that support it and on CPUs with AMX matrix units, 32-true
+    otherwise. On the AMX CPU a ResNet-18 step is 1.6-2x faster in bf16 at 16-64 px, once the
+    convolutions on tiny maps run as matmuls (byol_nb.matmul_conv; BENCHMARKS.md)."""
     if precision != "auto":
         return precision
     gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     if gpu:
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16-mixed" if amx and image_size >= CPU_BF16_MIN_SIZE else "32-true"
+    return "bf16-mixed" if amx else "32-true"
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -208,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         callbacks.append(failure)
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=devices, num_nodes=num_nodes, strategy=args.strategy,
-        precision=resolve_precision(args.precision, args.accelerator, args.image_size),
+        precision=resolve_precision(args.precision, args.accelerator),
         max_epochs=args.max_epochs if args.max_steps is None else -1, max_steps=args.max_steps or -1,
         callbacks=callbacks, enable_checkpointing=datamodule.spec.val is not None, plugins=[AtomicCheckpointIO()],
         logger=ResumableCSVLogger(out, name="logs", version="", resume_step=resume_step, flush_logs_every_n_steps=1),

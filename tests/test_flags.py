@@ -36,6 +36,7 @@ def _stop(tmp_path, *flags: str) -> str:
     (["--crop-min-scale", "1.5"], "--crop-min-scale must be in (0, 1], got 1.5"),
     (["--jitter", "0.4", "0.4", "0.4", "0.7"], "hue at most 0.5"),
     (["--jitter", "-0.1", "0.4", "0.4", "0.1"], "--jitter strengths must be 0 or more"),
+    (["--grayscale-p", "1.5"], "--grayscale-p is a probability"),
     (["--method", "pixpro", "--image-size", "32"], "needs a feature map of at least 2x2 cells"),
 ])
 def test_bad_value_gets_its_message(tmp_path, flags, expected):

@@ -1,0 +1,81 @@
+"""Convolutions on tiny feature maps as one matrix multiply.
+
+On small images a ResNet's last stages see feature maps of 2x2 or 1x1 cells (32 px images: layer3
+and layer4). There oneDNN's convolution kernels, which torch uses on CPUs, are far from the
+machine's speed, and the weight gradient worst of all: for a 512-channel 3x3 convolution on a
+1x1 map its backward takes 5-20x the forward's time (BENCHMARKS.md, "Convolutions on tiny maps").
+Written as "gather the k x k patches, multiply by the weight matrix" (im2col), the forward, the
+input gradient and the weight gradient are each one dense matrix multiply, which the CPU's matrix
+units run at full speed, and the gathered patches are tiny because the maps are.
+
+:class:`MatmulConv2d` is an ``nn.Conv2d`` (same parameters, same state dict, same results up to
+float rounding) that takes the matmul path only when the output has at most ``max_cells`` cells,
+and :func:`use_matmul_convs` swaps it into a network. Larger maps keep oneDNN's kernels, which win
+there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Output cells (Ho x Wo) up to which the matmul path is faster than oneDNN's kernels, measured on
+# ResNet-18's convolutions at batch 256 on an AMX CPU (BENCHMARKS.md): 2x2 and 1x1 outputs win
+# 1.2-8x in bf16; 4x4 outputs lose 1.5-4x.
+MAX_MATMUL_CELLS = 4
+
+
+def patch_matmul_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
+                        padding: tuple[int, int]) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` for groups 1 and dilation 1, as im2col + matmul.
+
+    The patches are gathered channels-last (a view for channels_last inputs) so that each row of
+    the patch matrix is one output cell, and the result comes back as a channels_last tensor.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))  # gather half as many bytes
+    out_channels, in_channels, kh, kw = weight.shape
+    (sh, sw), (ph, pw) = stride, padding
+    cells = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # (B, H + 2ph, W + 2pw, C)
+    patches = cells.unfold(1, kh, sh).unfold(2, kw, sw)  # (B, Ho, Wo, C, kh, kw), a view
+    batch, out_h, out_w = patches.shape[:3]
+    rows = patches.reshape(batch * out_h * out_w, in_channels * kh * kw)
+    out = F.linear(rows, weight.reshape(out_channels, in_channels * kh * kw), bias)
+    return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+
+
+class MatmulConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that computes small outputs (at most ``MAX_MATMUL_CELLS`` cells) by matmul
+    on the CPU. GPUs keep cuDNN, which has no such weakness."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        out_h, out_w = (
+            (size + 2 * pad - kernel) // step + 1
+            for size, pad, kernel, step in zip(x.shape[-2:], self.padding, self.kernel_size, self.stride))
+        if out_h * out_w > MAX_MATMUL_CELLS:
+            return super().forward(x)
+        return patch_matmul_conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    @classmethod
+    def supports(cls, conv: nn.Module) -> bool:
+        """Plain convolutions only: no groups, no dilation, zero padding given as numbers."""
+        return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.dilation == (1, 1)
+                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def use_matmul_convs(network: nn.Module, enable: bool = True) -> nn.Module:
+    """Turn every plain ``nn.Conv2d`` of ``network`` into a :class:`MatmulConv2d`, in place
+    (``enable=False``: back to ``nn.Conv2d``, to compare the two).
+
+    The class is swapped on the existing modules, so parameters, buffers, hooks and state-dict
+    keys stay what they were (checkpoints load both ways). Returns ``network`` for chaining.
+    """
+    for module in network.modules():
+        if enable and MatmulConv2d.supports(module):
+            module.__class__ = MatmulConv2d
+        elif not enable and type(module) is MatmulConv2d:
+            module.__class__ = nn.Conv2d
+    return network

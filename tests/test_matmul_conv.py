@@ -1,0 +1,104 @@
+"""The matmul path for convolutions on tiny maps computes what ``F.conv2d`` computes, forward and
+backward, takes over only where it should, and leaves a network's parameters and checkpoints as
+they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from byol_nb import matmul_conv
+from byol_nb.matmul_conv import MAX_MATMUL_CELLS, MatmulConv2d, patch_matmul_conv2d, use_matmul_convs
+from byol_nb.models import Backbone
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("in_channels, out_channels, size, kernel, stride, padding, bias", [
+    (8, 16, 1, 3, 1, 1, False),  # ResNet's 3x3 on a 1x1 map: only the centre tap sees data
+    (8, 16, 2, 3, 2, 1, False),  # stride-2 3x3 into a 1x1 output
+    (8, 16, 4, 1, 2, 0, True),  # 1x1 stride-2 shortcut, with a bias
+    (3, 5, 5, 3, 2, 0, True),  # no padding, odd size
+    (4, 6, 7, 7, 2, 3, False),  # the stem's 7x7
+])
+def test_patch_matmul_equals_conv2d_forward_and_backward(in_channels, out_channels, size, kernel, stride, padding,
+                                                        bias, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(3, in_channels, size, size + 1, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(out_channels, in_channels, kernel, kernel, dtype=torch.float64)
+    b = torch.randn(out_channels, dtype=torch.float64) if bias else None
+    leaves = [t.requires_grad_() for t in (x, weight) + ((b,) if bias else ())]
+
+    expected = F.conv2d(x, weight, b, stride, padding)
+    got = patch_matmul_conv2d(x, weight, b, (stride, stride), (padding, padding))
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected)
+
+    grad_out = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+    got_grads = torch.autograd.grad(got, leaves, grad_out)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+def _count_matmul_calls(monkeypatch) -> list[tuple[int, ...]]:
+    calls: list[tuple[int, ...]] = []
+    real = matmul_conv.patch_matmul_conv2d
+
+    def counting(x, *args):
+        calls.append(tuple(x.shape))
+        return real(x, *args)
+
+    monkeypatch.setattr(matmul_conv, "patch_matmul_conv2d", counting)
+    return calls
+
+
+def test_matmul_path_only_for_tiny_outputs(monkeypatch):
+    calls = _count_matmul_calls(monkeypatch)
+    conv = use_matmul_convs(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1)))[0]
+    assert isinstance(conv, MatmulConv2d)
+    conv(torch.randn(2, 4, 2, 2))  # 2x2 output: 4 cells
+    assert len(calls) == 1
+    conv(torch.randn(2, 4, 3, 3))  # 3x3 output: 9 cells, oneDNN's kernel
+    assert len(calls) == 1
+    assert MAX_MATMUL_CELLS == 4
+
+
+def test_swap_keeps_parameters_and_skips_unsupported_convs():
+    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 8, 3, dilation=2),
+                        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.Conv2d(8, 8, 3, padding="same"))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    weight = net[0].weight
+    use_matmul_convs(net)
+    assert [type(m) for m in net] == [MatmulConv2d] + [nn.Conv2d] * 4
+    assert net[0].weight is weight
+    assert net.state_dict().keys() == before.keys()
+
+
+def test_backbone_matches_plain_convolutions_on_tiny_maps():
+    """A whole ResNet-18 at 32 px (layer3 at 2x2, layer4 at 1x1): same features, same gradients."""
+    torch.manual_seed(0)
+    fast = Backbone("resnet18").double()
+    plain = Backbone("resnet18").double()
+    plain.load_state_dict(fast.state_dict())
+    use_matmul_convs(plain, enable=False)
+    assert any(isinstance(m, MatmulConv2d) for m in fast.modules())
+    assert not any(isinstance(m, MatmulConv2d) for m in plain.modules())
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(fast(images), plain(images))
+    fast(images).square().sum().backward()
+    plain(images).square().sum().backward()
+    for (name, p_fast), p_plain in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_plain.grad, msg=name)
+
+
+def test_autocast_runs_the_matmul_in_bfloat16():
+    conv = use_matmul_convs(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1)))[0]
+    x = torch.randn(2, 4, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=0.05, rtol=0.05)
