@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     steps = opt.add_mutually_exclusive_group()
-    steps.add_argument("--max-epochs", type=int, default=None)
+    steps.add_argument("--max-epochs", type=int, default=None,
+                       help=f"default: {DEFAULT_EPOCHS} when --max-steps is not given either")
     steps.add_argument("--max-steps", type=int, default=None)
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     opt.add_argument("--lr", type=float, default=d.lr, help="per 256 images of global batch")
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     return TrainConfig(**values)
+
+
+# `make train`'s length: 1,150 steps on the built-in data, about 7 minutes on the 2-core CPU
+# (README, "What to expect"); kNN there still rises at 40 epochs (BENCHMARKS.md).
+DEFAULT_EPOCHS = 50
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     validate_args(args)
     if args.max_epochs is None and args.max_steps is None:
-        args.max_epochs = 20
+        args.max_epochs = DEFAULT_EPOCHS
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = config_from_args(args)

@@ -152,6 +152,38 @@ def test_lars_skips_adaptation_for_biases_and_scales_weights():
     torch.testing.assert_close(b.detach(), torch.full((4,), 1 - 2.0))
 
 
+def test_lars_matches_the_per_tensor_formula_over_several_steps():
+    """The batched (foreach) update equals LARS written out tensor by tensor: SGD momentum on
+    trust * (g + wd w), trust = eta ||w|| / ||g + wd w|| (1 where a norm is 0), no adaptation
+    for the lars=False group, and no update or state for a parameter without a gradient."""
+    torch.manual_seed(0)
+    weights = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.randn(3, 3))]
+    biases = [nn.Parameter(torch.randn(4))]
+    reference = [p.detach().clone() for p in weights + biases]
+    momenta = [torch.zeros_like(p) for p in reference]
+    lr, momentum, wd, eta = 0.5, 0.9, 0.1, 0.02
+    opt = LARS([dict(params=weights), dict(params=biases, lars=False, weight_decay=0.0)], lr=lr, momentum=momentum,
+               weight_decay=wd, trust_coefficient=eta)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in reference]
+        for p, g in zip(weights + biases, grads):
+            p.grad = g.clone()
+        weights[2].grad = None  # frozen this step
+        opt.step()
+        for i, (w, g) in enumerate(zip(reference, grads)):
+            if i == 2:
+                continue
+            if i < 3:
+                g = g + wd * w
+                w_norm, g_norm = w.norm(), g.norm()
+                g = g * (eta * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0)
+            momenta[i] = momentum * momenta[i] + g
+            w -= lr * momenta[i]
+    for p, expected in zip(weights + biases, reference):
+        torch.testing.assert_close(p.detach(), expected)
+    assert weights[2] not in opt.state
+
+
 def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)

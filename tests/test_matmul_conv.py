@@ -44,6 +44,28 @@ def test_patch_matmul_equals_conv2d_forward_and_backward(in_channels, out_channe
         torch.testing.assert_close(g, e)
 
 
+def test_dropping_taps_that_only_see_padding_keeps_every_small_case_exact():
+    """Every combination of tiny height/width, kernel, stride and padding, forward and backward."""
+    torch.manual_seed(0)
+    for height in (1, 2, 3, 4):
+        for width in (1, 2, 3):
+            for kernel in (1, 2, 3):
+                for stride in (1, 2):
+                    for padding in range(kernel):
+                        if height + 2 * padding < kernel or width + 2 * padding < kernel:
+                            continue
+                        x = torch.randn(2, 3, height, width, dtype=torch.float64, requires_grad=True)
+                        w = torch.randn(4, 3, kernel, kernel, dtype=torch.float64, requires_grad=True)
+                        expected = F.conv2d(x, w, None, stride, padding)
+                        got = patch_matmul_conv2d(x, w, None, (stride, stride), (padding, padding))
+                        case = f"{height}x{width} input, {kernel}x{kernel}/{stride}, padding {padding}"
+                        torch.testing.assert_close(got, expected, msg=case)
+                        grad = torch.randn_like(expected)
+                        for g, e in zip(torch.autograd.grad(got, (x, w), grad),
+                                        torch.autograd.grad(expected, (x, w), grad)):
+                            torch.testing.assert_close(g, e, msg=case)
+
+
 def _count_matmul_calls(monkeypatch) -> list[tuple[int, ...]]:
     calls: list[tuple[int, ...]] = []
     real = matmul_conv.patch_matmul_conv2d
