@@ -115,6 +115,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
+        out_dtype, x = x.dtype, x.float()  # statistics in fp32 under bf16 autocast (bf16 counts only to 256 exactly)
         local = torch.cat([x.mean(dims), x.var(dims, unbiased=False), x.new_full((1,), x.numel() // channels)])
         stats = gather_with_grad(local.unsqueeze(0))  # (processes, 2C + 1)
         means, variances, counts = stats[:, :channels], stats[:, channels:-1], stats[:, -1:].detach()
@@ -129,7 +130,8 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_var.lerp_(var * total / (total - 1).clamp_min(1), factor)
         shape = [1, channels] + [1] * (x.dim() - 2)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        y = y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        return y.to(out_dtype)  # like BatchNorm: the output keeps the input's dtype
 
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "CPUSyncBatchNorm":

@@ -117,14 +117,15 @@ def pixel_contrast_loss(queries: Tensor, keys: Tensor, mask: Tensor, temperature
     processes (:func:`byol_nb.distributed.global_mean`); a batch with none gives 0.
     """
     batch, channels = queries.shape[:2]
-    q = F.normalize(queries.flatten(2).float(), dim=1).transpose(1, 2)  # (B, N, C)
-    k = F.normalize(keys.detach().flatten(2).float(), dim=1)  # (B, C, N)
-    pool = keys if all_keys is None else all_keys
-    bank = F.normalize(pool.detach().flatten(2).float(), dim=1).transpose(1, 2).reshape(-1, channels)
-    positive_logits = torch.bmm(q, k) / temperature
-    # A large finite fill keeps rows without positives finite in the forward *and* backward pass.
-    log_numerator = positive_logits.masked_fill(~mask, torch.finfo(q.dtype).min).logsumexp(-1)
-    log_denominator = (q.reshape(-1, channels) @ bank.T / temperature).logsumexp(-1).view(batch, -1)
+    with torch.autocast(queries.device.type, enabled=False):  # logits and logsumexp in fp32, also under bf16
+        q = F.normalize(queries.flatten(2).float(), dim=1).transpose(1, 2)  # (B, N, C)
+        k = F.normalize(keys.detach().flatten(2).float(), dim=1)  # (B, C, N)
+        pool = keys if all_keys is None else all_keys
+        bank = F.normalize(pool.detach().flatten(2).float(), dim=1).transpose(1, 2).reshape(-1, channels)
+        positive_logits = torch.bmm(q, k) / temperature
+        # A large finite fill keeps rows without positives finite in the forward *and* backward pass.
+        log_numerator = positive_logits.masked_fill(~mask, torch.finfo(q.dtype).min).logsumexp(-1)
+        log_denominator = (q.reshape(-1, channels) @ bank.T / temperature).logsumexp(-1).view(batch, -1)
     has_positive = mask.any(-1)
     per_pixel = torch.where(has_positive, log_denominator - log_numerator, torch.zeros_like(log_numerator))
     # The number of query pixels with a positive differs between processes: divide by the global count.

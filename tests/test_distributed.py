@@ -146,14 +146,17 @@ def test_without_sync_bn_the_gradients_differ(tmp_path: Path) -> None:
         assert_same_grads(torch.load(tmp_path / "g.pt"), reference_grads())
 
 
-def _sync_bn_worker(process: int, out: str) -> None:
+def _sync_bn_worker(process: int, out: str, bf16: bool = False) -> None:
     torch.manual_seed(0)
     bn = convert_sync_batchnorm(nn.BatchNorm2d(3, momentum=0.3))
     x = samples()[0].requires_grad_()
     half = x[process * BATCH:(process + 1) * BATCH]
-    (bn(half) * torch.arange(1.0, 4.0).view(1, 3, 1, 1)).square().sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as under --precision bf16-mixed
+        y = bn(half.bfloat16() if bf16 else half)
+    (y.float() * torch.arange(1.0, 4.0).view(1, 3, 1, 1)).square().sum().backward()
     if process == 0:
-        torch.save({"x_grad": x.grad, "running_mean": bn.running_mean, "running_var": bn.running_var}, out)
+        torch.save({"x_grad": x.grad, "running_mean": bn.running_mean, "running_var": bn.running_var,
+                    "dtype": y.dtype}, out)
 
 
 def test_sync_batchnorm_on_cpu_matches_batchnorm_on_the_whole_batch(tmp_path: Path) -> None:
@@ -166,6 +169,18 @@ def test_sync_batchnorm_on_cpu_matches_batchnorm_on_the_whole_batch(tmp_path: Pa
     torch.testing.assert_close(got["running_var"], bn.running_var)
     # process 0's input gradient, which includes process 1's loss through the shared statistics
     torch.testing.assert_close(got["x_grad"][:BATCH], x.grad[:BATCH], rtol=1e-4, atol=1e-5)
+
+
+def test_sync_batchnorm_on_cpu_keeps_fp32_statistics_under_bf16_autocast(tmp_path: Path) -> None:
+    """bf16 activations (the default on AMX CPUs): statistics and running buffers stay fp32 and
+    close to fp32 BatchNorm on the whole batch; the output keeps the input's dtype."""
+    run_processes(_sync_bn_worker, str(tmp_path / "bn.pt"), True)
+    got = torch.load(tmp_path / "bn.pt")
+    bn = nn.BatchNorm2d(3, momentum=0.3)
+    bn(samples()[0])
+    assert got["dtype"] == torch.bfloat16 and got["running_mean"].dtype == torch.float32
+    torch.testing.assert_close(got["running_mean"], bn.running_mean, rtol=0.02, atol=0.01)
+    torch.testing.assert_close(got["running_var"], bn.running_var, rtol=0.02, atol=0.01)
 
 
 def _global_mean_worker(process: int, out: str) -> None:

@@ -182,6 +182,10 @@ def test_pixel_contrast_matches_explicit_infonce():
                 terms.append(-torch.log(positives / everything))
     expected = torch.stack(terms).mean()
     torch.testing.assert_close(pixel_contrast_loss(q, k, mask, 0.3, all_keys), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 features, as on AMX CPUs: logits stay fp32
+        in_bf16 = pixel_contrast_loss(q.bfloat16(), k.bfloat16(), mask, 0.3, all_keys.bfloat16())
+    assert in_bf16.dtype == torch.float32
+    torch.testing.assert_close(in_bf16, expected, rtol=0.02, atol=0.02)
     # without gathered keys the negatives are the local batch only: a different (smaller) loss
     assert pixel_contrast_loss(q, k, mask, 0.3) < expected
     none = pixel_contrast_loss(q, k, torch.zeros_like(mask))
