@@ -37,14 +37,14 @@ OPTIONS = {  # name: (channels_last weights, bf16 autocast, matmul convolutions 
 }
 
 
-def cpu_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median process CPU time of ``fn`` in ms, after one untimed call."""
+def median_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.process_time) -> float:
+    """Median time of ``fn`` in ms on ``clock`` (process CPU time by default), after one untimed call."""
     fn()
     times = []
     for _ in range(repeats):
-        start = time.process_time()
+        start = clock()
         fn()
-        times.append(time.process_time() - start)
+        times.append(clock() - start)
     return 1000 * statistics.median(times)
 
 
@@ -68,13 +68,13 @@ def measure(size: int, batch: int, repeats: int) -> dict[str, float]:
     result = {}
     for name, (channels_last, bf16, matmul_convs) in OPTIONS.items():
         nets = networks(channels_last, matmul_convs)
-        result[f"model step, {name}"] = cpu_ms(model_step(nets, both, bf16), repeats)
+        result[f"model step, {name}"] = median_ms(model_step(nets, both, bf16), repeats)
     nets = networks(True)
     model_step(nets, both, False)()  # gradients for the optimizer
     optimizer = build_optimizer("lars", nets, 0.5, 1.5e-6)
-    result["augmentation (two views)"] = cpu_ms(lambda: augment(images, seed=1), repeats)
-    result["LARS step"] = cpu_ms(optimizer.step, repeats)
-    result["EMA update"] = cpu_ms(lambda: ema_update_(nets.target, nets.online, 0.99), repeats)
+    result["augmentation (two views)"] = median_ms(lambda: augment(images, seed=1), repeats)
+    result["LARS step"] = median_ms(optimizer.step, repeats)
+    result["EMA update"] = median_ms(lambda: ema_update_(nets.target, nets.online, 0.99), repeats)
     return result
 
 

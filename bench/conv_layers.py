@@ -11,7 +11,6 @@ channels_last inputs. Run it on another CPU to see whether the threshold holds t
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from typing import Callable
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.components import median_ms
 from byol_nb.matmul_conv import MAX_MATMUL_CELLS, patch_matmul_conv2d
 
 # (in channels, out channels, kernel, stride, input side / image side, how many ResNet-18 has)
@@ -29,16 +29,6 @@ RESNET18_CONVS = [
     (128, 256, 3, 2, 1 / 8, 1), (128, 256, 1, 2, 1 / 8, 1), (256, 256, 3, 1, 1 / 16, 3),
     (256, 512, 3, 2, 1 / 16, 1), (256, 512, 1, 2, 1 / 16, 1), (512, 512, 3, 1, 1 / 32, 3),
 ]
-
-
-def wall_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def forward_backward(conv: Callable[[Tensor, Tensor], Tensor], x: Tensor, weight: Tensor, bf16: bool) -> None:
@@ -69,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         weight = torch.randn(c_out, c_in, kernel, kernel, generator=generator) * 0.05
         onednn = lambda x, w: F.conv2d(x, w, None, stride, padding)  # noqa: E731
         matmul = lambda x, w: patch_matmul_conv2d(x, w, None, (stride, stride), (padding, padding))  # noqa: E731
-        times = [wall_ms(lambda: forward_backward(conv, x, weight, bf16), args.repeats)
+        times = [median_ms(lambda: forward_backward(conv, x, weight, bf16), args.repeats, time.perf_counter)
                  for bf16 in (False, True) for conv in (onednn, matmul)]
         print(f"| {c_in}->{c_out}, {kernel}x{kernel}/{stride} | {side}x{side} | {out_side}x{out_side} | "
               + " | ".join(f"{t:.1f}" for t in times) + " |")
