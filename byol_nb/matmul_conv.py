@@ -9,7 +9,7 @@ input gradient and the weight gradient are each one dense matrix multiply, which
 units run at full speed, and the gathered patches are tiny because the maps are.
 
 :class:`MatmulConv2d` is an ``nn.Conv2d`` (same parameters, same state dict, same results up to
-float rounding) that takes the matmul path only when the output has at most ``max_cells`` cells,
+float rounding) that takes the matmul path only when the output has at most ``MAX_MATMUL_CELLS`` cells,
 and :func:`use_matmul_convs` swaps it into a network. Larger maps keep oneDNN's kernels, which win
 there.
 """
@@ -26,6 +26,11 @@ from torch import Tensor, nn
 MAX_MATMUL_CELLS = 4
 
 
+def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Cells along one axis of a convolution's output (dilation 1)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
 def _useful_taps(size: int, kernel: int, stride: int, padding: int) -> tuple[int, int, int, int]:
     """Along one axis: the kernel taps that ever touch the input, and the padding they still need.
 
@@ -33,7 +38,7 @@ def _useful_taps(size: int, kernel: int, stride: int, padding: int) -> tuple[int
     convolution with padding 1 only ever multiplies its centre tap with data (the other eight see
     zeros), so it is a plain matrix product with that tap: 9x less work and no patches to gather.
     """
-    out = (size + 2 * padding - kernel) // stride + 1
+    out = _output_size(size, kernel, stride, padding)
     first = max(0, padding - stride * (out - 1))
     last = min(kernel - 1, size - 1 + padding)
     before = padding - first
@@ -73,9 +78,8 @@ class MatmulConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             return super().forward(x)
-        out_h, out_w = (
-            (size + 2 * pad - kernel) // step + 1
-            for size, pad, kernel, step in zip(x.shape[-2:], self.padding, self.kernel_size, self.stride))
+        out_h, out_w = (_output_size(size, kernel, step, pad)
+                        for size, kernel, step, pad in zip(x.shape[-2:], self.kernel_size, self.stride, self.padding))
         if out_h * out_w > MAX_MATMUL_CELLS:
             return super().forward(x)
         return patch_matmul_conv2d(x, self.weight, self.bias, self.stride, self.padding)

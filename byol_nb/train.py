@@ -107,8 +107,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-# `make train`'s length: 1,150 steps on the built-in data, about 7 minutes on the 2-core CPU
-# (README, "What to expect"); kNN there still rises at 40 epochs (BENCHMARKS.md).
+# `make train`'s length: 1,150 steps on the built-in data, 5 min 46 s on the 2-core CPU (README,
+# "What to expect"); kNN levels off after about 900 steps there (BENCHMARKS.md).
 DEFAULT_EPOCHS = 50
 
 
