@@ -10,8 +10,14 @@ from byol_nb.distributed import global_mean
 
 
 def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
-    """Per-sample ``2 - 2 cos(q, z')`` (B,). The target is detached here: it is a stop-gradient."""
-    return 2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=-1)
+    """Per-sample ``2 - 2 cos(q, z')`` (B,). The target is detached here: it is a stop-gradient.
+
+    Computed in float32 at least: under bf16 autocast the heads' outputs are bf16, and a cosine in
+    bf16 keeps about three significant digits, while near convergence the loss and its gradient
+    live in the third digit (cos 0.995 and 0.999 are one bf16 step apart).
+    """
+    dtype = torch.promote_types(prediction.dtype, torch.float32)
+    return 2 - 2 * F.cosine_similarity(prediction.to(dtype), target.detach().to(dtype), dim=-1)
 
 
 def symmetric_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
@@ -81,9 +87,10 @@ def pixpro_loss(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     An image without a positive pair (the crops do not overlap) contributes 0 and still counts in
     the batch mean, as in the official code; no division by zero. The target is detached.
     """
-    p = F.normalize(prediction.flatten(2).float(), dim=1)
-    t = F.normalize(target.detach().flatten(2).float(), dim=1)
-    cosine = torch.bmm(p.transpose(1, 2), t)  # (B, H*W, H*W): [b, i, j] = cos(p_i, t_j)
+    with torch.autocast(prediction.device.type, enabled=False):  # a bf16 bmm would round every cosine
+        p = F.normalize(prediction.flatten(2).float(), dim=1)
+        t = F.normalize(target.detach().flatten(2).float(), dim=1)
+        cosine = torch.bmm(p.transpose(1, 2), t)  # (B, H*W, H*W): [b, i, j] = cos(p_i, t_j)
     weights = mask.to(cosine.dtype)
     per_image = (cosine * weights).sum((1, 2)) / weights.sum((1, 2)).clamp_min(1)
     return -2 * per_image.mean()

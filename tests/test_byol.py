@@ -41,6 +41,19 @@ def test_symmetric_loss_sums_both_directions_trap5():
     assert not torch.isclose(loss, (one_way + other_way) / 2)
 
 
+def test_loss_of_bf16_heads_is_computed_in_float32():
+    """Near agreement (cos ~0.998) a bf16 cosine is off by more than the loss itself."""
+    torch.manual_seed(0)
+    p = torch.randn(8, 256)
+    z = p + 0.05 * torch.randn(8, 256)
+    expected = byol_loss(p, z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = byol_loss(p.bfloat16(), z.bfloat16())
+    assert loss.dtype == torch.float32
+    # only the inputs' own rounding to bf16 remains (about 1e-4 here), not the cosine's (about 1e-2)
+    torch.testing.assert_close(loss, expected, atol=5e-4, rtol=0)
+
+
 def test_loss_is_stop_gradient_on_the_target():
     p = torch.randn(3, 5, requires_grad=True)
     z = torch.randn(3, 5, requires_grad=True)

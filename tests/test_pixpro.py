@@ -156,6 +156,17 @@ def test_pixpro_loss_matches_hand_computation():
     assert torch.isfinite(empty) and empty.item() == 0.0
 
 
+def test_pixpro_loss_under_bf16_autocast_keeps_float32_cosines():
+    torch.manual_seed(0)
+    prediction = torch.randn(4, 64, 2, 2)
+    target = prediction + 0.05 * torch.randn(4, 64, 2, 2)
+    mask = torch.rand(4, 4, 4) < 0.5
+    expected = pixpro_loss(prediction.bfloat16().float(), target.bfloat16().float(), mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pixpro_loss(prediction.bfloat16(), target.bfloat16(), mask)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+
+
 def test_symmetric_pixpro_loss_sums_both_directions_with_transposed_mask():
     torch.manual_seed(0)
     y1, y2, t1, t2 = (torch.randn(3, 4, 2, 3) for _ in range(4))
