@@ -4,7 +4,13 @@ Every sample draws its own crop, flip, jitter, grayscale, blur and solarize deci
 *batch* is a known bug: the two views of every image would then differ in the same way). The crop
 and flip are done here with one ``grid_sample`` so that we know exactly where each view came from:
 :class:`View` carries, per sample, the crop box in the original image's normalised coordinates and
-the flip flag, which PixPro needs to find matching pixels. Colour operations are kornia's.
+the flip flag, which PixPro needs to find matching pixels.
+
+The colour steps are functions of a batch and per-sample parameters drawn here (kornia's functional
+``kornia.enhance`` and ``kornia.filters`` ops, plus :func:`adjust_hue`). kornia's augmentation
+*modules* do the same work with a fixed cost of about a millisecond per call for parameter
+bookkeeping, and its hue conversion alone took 6 ms per 32 px view batch: on a CPU that was 15% of
+a training step (BENCHMARKS.md).
 
 Coordinates: a box is ``(x0, y0, x1, y1)`` with ``(0, 0)`` the top-left *corner* of the original
 image and ``(1, 1)`` its bottom-right corner. A view pixel at normalised position ``(u, v)`` in
@@ -18,8 +24,10 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import kornia.augmentation as K
 import torch
+from kornia.color import rgb_to_grayscale
+from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction,
+                            adjust_saturation_with_gray_subtraction)
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -106,6 +114,100 @@ def resized_crop(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Ten
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def _chosen(batch: int, p: float, device: torch.device) -> Tensor:
+    """Per-sample Bernoulli(p) decisions, (batch,) bool."""
+    return torch.rand(batch, device=device) < p
+
+
+def _uniform(batch: int, low: float, high: float, device: torch.device) -> Tensor:
+    return torch.empty(batch, device=device).uniform_(low, high)
+
+
+def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
+    """Turn every image's hue by its own ``shift`` (B,), in turns of the colour wheel (0.5 = half a
+    turn), keeping HSV saturation and value: torchvision's and kornia's ``adjust_hue``, written as a
+    dozen elementwise ops on the batch (kornia's full HSV round trip costs ten times more).
+
+    Hue in sixths of a turn is ``(g - b) / C``, ``(b - r) / C + 2`` or ``(r - g) / C + 4`` as red,
+    green or blue is the largest channel (``C`` = max - min). Back to RGB, channel ``n`` (5, 3, 1
+    for R, G, B) is ``max - C * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + hue) mod 6``.
+    """
+    red, green, blue = images.unbind(1)
+    high, low = images.amax(1), images.amin(1)
+    chroma = high - low
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    hue = torch.where(high == red, (green - blue) / safe,
+                      torch.where(high == green, (blue - red) / safe + 2, (red - green) / safe + 4))
+    hue = hue + 6 * shift.to(images.dtype).view(-1, 1, 1)
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(offsets + hue.unsqueeze(1), 6)
+    return high.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def colour_jitter(images: Tensor, strengths: tuple[float, float, float, float], p: float) -> Tensor:
+    """torchvision's ColorJitter with probability ``p``, parameters drawn per sample.
+
+    Brightness, contrast and saturation factors are uniform in ``[1 - s, 1 + s]``, the hue shift in
+    ``[-h, h]`` turns; samples that skip the jitter get neutral factors. The four steps run in one
+    random order per call, as in kornia's ``ColorJitter``.
+    """
+    batch, device = images.shape[0], images.device
+    brightness, contrast, saturation, hue = strengths
+    on = _chosen(batch, p, device)
+
+    def factor(strength: float, neutral: float) -> Tensor:
+        drawn = _uniform(batch, neutral - strength, neutral + strength, device)
+        return torch.where(on, drawn, torch.full_like(drawn, neutral))
+
+    steps = [(brightness, lambda x, f: adjust_brightness_accumulative(x, f), factor(brightness, 1.0)),
+             (contrast, lambda x, f: adjust_contrast_with_mean_subtraction(x, f), factor(contrast, 1.0)),
+             (saturation, lambda x, f: adjust_saturation_with_gray_subtraction(x, f), factor(saturation, 1.0)),
+             (hue, adjust_hue, factor(hue, 0.0))]
+    for index in torch.randperm(4).tolist():
+        strength, step, factors = steps[index]
+        if strength > 0:
+            images = step(images, factors).clamp(0, 1)
+    return images
+
+
+def random_grayscale(images: Tensor, p: float) -> Tensor:
+    """Each sample becomes gray (0.299 R + 0.587 G + 0.114 B in all channels) with probability ``p``."""
+    chosen = _chosen(images.shape[0], p, images.device).view(-1, 1, 1, 1)
+    return torch.where(chosen, rgb_to_grayscale(images).expand_as(images), images)
+
+
+def gaussian_blur(images: Tensor, kernel: int, sigma: Tensor) -> Tensor:
+    """Blur every image with its own ``sigma`` (B,): kornia's ``gaussian_blur2d`` (separable,
+    reflected border) as two depthwise convolutions over the whole batch."""
+    batch, channels, height, width = images.shape
+    half = kernel // 2
+    taps = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
+    weights = torch.exp(-0.5 * (taps / sigma.to(images.dtype).unsqueeze(1)) ** 2)
+    weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(channels, dim=0)  # (B*C, k)
+    planes = F.pad(images.reshape(1, batch * channels, height, width), (half, half, half, half), mode="reflect")
+    planes = F.conv2d(planes, weights.view(-1, 1, 1, kernel), groups=batch * channels)
+    planes = F.conv2d(planes, weights.view(-1, 1, kernel, 1), groups=batch * channels)
+    return planes.view(batch, channels, height, width)
+
+
+def random_blur(images: Tensor, kernel: int, sigma: tuple[float, float], p: float) -> Tensor:
+    """Gaussian blur with probability ``p``, sigma uniform in ``sigma`` per sample."""
+    chosen = _chosen(images.shape[0], p, images.device)
+    if not chosen.any():
+        return images
+    if chosen.all():
+        return gaussian_blur(images, kernel, _uniform(images.shape[0], *sigma, images.device))
+    images = images.clone()
+    images[chosen] = gaussian_blur(images[chosen], kernel, _uniform(int(chosen.sum()), *sigma, images.device))
+    return images
+
+
+def random_solarize(images: Tensor, p: float) -> Tensor:
+    """Invert the pixels at or above 0.5 (``x -> 1 - x``) with probability ``p``, per sample."""
+    chosen = _chosen(images.shape[0], p, images.device).view(-1, 1, 1, 1)
+    return torch.where(chosen & (images >= 0.5), 1 - images, images)
+
+
 class TwoViewAugment(nn.Module):
     """uint8 batch in, two :class:`View` s out. Runs wherever its input lives (CPU or GPU).
 
@@ -116,16 +218,16 @@ class TwoViewAugment(nn.Module):
     def __init__(self, config: AugmentConfig) -> None:
         super().__init__()
         self.config = config
-        c = config
-        self.colour = nn.ModuleList()
-        for recipe in c.views:
-            ops = [K.ColorJitter(*c.jitter, p=c.jitter_p), K.RandomGrayscale(p=c.grayscale_p),
-                   K.RandomGaussianBlur(c.blur_kernel, c.blur_sigma, p=recipe.blur_p),
-                   K.RandomSolarize(thresholds=0.0, additions=0.0, p=recipe.solarize_p)]
-            # an op that never fires still costs a kornia call (view 1's solarize: 8% of a view)
-            self.colour.append(nn.Sequential(*(op for op in ops if op.p > 0)))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def recolour(self, images: Tensor, recipe: ViewRecipe) -> Tensor:
+        """The colour steps of one view, in BYOL's order: jitter, grayscale, blur, solarize."""
+        c = self.config
+        images = colour_jitter(images, c.jitter, c.jitter_p)
+        images = random_grayscale(images, c.grayscale_p)
+        images = random_blur(images, c.blur_kernel, c.blur_sigma, recipe.blur_p)
+        return random_solarize(images, recipe.solarize_p)
 
     def view(self, images: Tensor, index: int) -> View:
         """One view of a float batch in [0, 1], drawn with recipe ``index`` (0 or 1)."""
@@ -134,19 +236,21 @@ class TwoViewAugment(nn.Module):
         boxes = sample_crop_boxes(batch, c.crop_scale, c.crop_ratio, images.device)
         flips = torch.rand(batch, device=images.device) < c.flip_p
         out = resized_crop(images, boxes, flips, c.image_size)
-        out = self.colour[index](out).clamp_(0, 1)
+        out = self.recolour(out.clamp_(0, 1), c.views[index])
         return View((out - self.mean) / self.std, boxes, flips)
 
     @torch.no_grad()
     def forward(self, images: Tensor, seed: int | None = None) -> tuple[View, View]:
+        """Two views of ``images`` (uint8, or float in [0, 1]), in float32 even inside autocast."""
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
-        if seed is None:
-            return self.view(images, 0), self.view(images, 1)
-        devices = [images.device] if images.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=images.device.type):
-            torch.manual_seed(seed)
-            return self.view(images, 0), self.view(images, 1)
+        device = images.device.type
+        with torch.autocast(device, enabled=False):
+            if seed is None:
+                return self.view(images, 0), self.view(images, 1)
+            with torch.random.fork_rng(devices=[images.device] if device == "cuda" else [], device_type=device):
+                torch.manual_seed(seed)
+                return self.view(images, 0), self.view(images, 1)
 
 
 def normalize(images: Tensor) -> Tensor:
