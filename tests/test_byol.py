@@ -197,6 +197,26 @@ def test_lars_matches_the_per_tensor_formula_over_several_steps():
     assert weights[2] not in opt.state
 
 
+def test_lars_updates_channels_last_weights_like_contiguous_ones():
+    """LARS steps through 1-D views in memory order; on channels_last weights (and on a momentum
+    buffer restored in another layout) the update must still land, element for element."""
+    torch.manual_seed(0)
+    plain = nn.Parameter(torch.randn(6, 4, 3, 3))
+    last = nn.Parameter(plain.detach().clone().to(memory_format=torch.channels_last))
+    optimizers = [LARS([dict(params=[p])], lr=0.5, weight_decay=0.1, trust_coefficient=0.02) for p in (plain, last)]
+    for step in range(3):
+        grad = torch.randn(6, 4, 3, 3)
+        plain.grad, last.grad = grad.clone(), grad.clone().to(memory_format=torch.channels_last)
+        for opt in optimizers:
+            opt.step()
+        if step == 0:  # as if restored from a checkpoint that saved the buffer contiguous
+            state = optimizers[1].state[last]
+            state["momentum_buffer"] = state["momentum_buffer"].contiguous()
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(last.detach(), plain.detach())
+    assert not torch.equal(plain.detach(), torch.zeros_like(plain))
+
+
 def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
