@@ -87,3 +87,18 @@ def test_batch_larger_than_each_process_share_of_the_data(tiny_shapes):
     with pytest.raises(DataError, match=r"48 usable image\(s\), split over 8 processes, fewer than one batch "
                                         r"of 8 per process"):
         datamodule.setup("fit")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--data", "shapes"], dict(jitter=train.DATA_DEFAULTS["shapes"]["jitter"], max_epochs=train.DEFAULT_EPOCHS)),
+    (["--data", "some/photos"], dict(jitter=train.TrainConfig().jitter, max_epochs=train.DEFAULT_EPOCHS)),
+    (["--data", "shapes", "--jitter", "0.1", "0.2", "0.3", "0.4"], dict(jitter=(0.1, 0.2, 0.3, 0.4))),
+    (["--data", "shapes", "--max-steps", "7"], dict(max_epochs=None, max_steps=7)),
+])
+def test_defaults_depend_on_the_data_and_a_given_flag_wins(flags, expected):
+    args = train.build_parser().parse_args(flags)
+    train.apply_data_defaults(args)
+    for name, value in expected.items():
+        assert getattr(args, name) == (tuple(value) if name == "jitter" else value), name
+    assert isinstance(train.config_from_args(args).jitter, tuple)
+    assert train.DATA_DEFAULTS["shapes"]["jitter"] != train.TrainConfig().jitter
