@@ -55,14 +55,21 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(PER_NOTEBOOK_TIMEOUT_S + 60)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes_in_fast_mode(path: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch):
+def test_notebook_executes_in_fast_mode(path: Path, runs_dir: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("FAST", "1")
     monkeypatch.setenv("BYOL_NB_RUNS", str(runs_dir))
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=PER_NOTEBOOK_TIMEOUT_S, kernel_name="python3",
+    from jupyter_client.manager import KernelManager
+
+    # Kernel sockets as files in a private folder, not TCP ports on localhost: with TCP a kernel
+    # started right after another one sometimes never answered a cell (a port race), and the test
+    # hung until its timeout.
+    kernel = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
+    client = nbclient.NotebookClient(notebook, km=kernel, timeout=PER_NOTEBOOK_TIMEOUT_S,
                                      resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     started = time.perf_counter()
     # Every code cell runs twice in a row, as a learner re-running a cell would: a lesson must not
