@@ -7,10 +7,10 @@ and flip are done here with one ``grid_sample`` so that we know exactly where ea
 the flip flag, which PixPro needs to find matching pixels.
 
 The colour steps are functions of a batch and per-sample parameters drawn here (kornia's functional
-``kornia.enhance`` and ``kornia.filters`` ops, plus :func:`adjust_hue`). kornia's augmentation
-*modules* do the same work with a fixed cost of about a millisecond per call for parameter
-bookkeeping, and its hue conversion alone took 6 ms per 32 px view batch: on a CPU that was 15% of
-a training step (BENCHMARKS.md).
+``kornia.enhance`` ops, plus :func:`adjust_hue` and :func:`gaussian_blur`, each tested equal to
+kornia's). kornia's augmentation *modules* do the same work with per-call bookkeeping, and its HSV
+hue round trip is 4-5x slower than :func:`adjust_hue`: two 32 px views of a batch of 64 took 14.8 ms
+with the modules and take 9.0 ms now (BENCHMARKS.md).
 
 Coordinates: a box is ``(x0, y0, x1, y1)`` with ``(0, 0)`` the top-left *corner* of the original
 image and ``(1, 1)`` its bottom-right corner. A view pixel at normalised position ``(u, v)`` in
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from kornia.color import rgb_to_grayscale
 from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction,
                             adjust_saturation_with_gray_subtraction)
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -126,7 +126,7 @@ def _uniform(batch: int, low: float, high: float, device: torch.device) -> Tenso
 def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
     """Turn every image's hue by its own ``shift`` (B,), in turns of the colour wheel (0.5 = half a
     turn), keeping HSV saturation and value: torchvision's and kornia's ``adjust_hue``, written as a
-    dozen elementwise ops on the batch (kornia's full HSV round trip costs ten times more).
+    dozen elementwise ops on the batch (kornia's full HSV round trip costs 4-5x more).
 
     Hue in sixths of a turn is ``(g - b) / C``, ``(b - r) / C + 2`` or ``(r - g) / C + 4`` as red,
     green or blue is the largest channel (``C`` = max - min). Back to RGB, channel ``n`` (5, 3, 1
@@ -159,9 +159,9 @@ def colour_jitter(images: Tensor, strengths: tuple[float, float, float, float], 
         drawn = _uniform(batch, neutral - strength, neutral + strength, device)
         return torch.where(on, drawn, torch.full_like(drawn, neutral))
 
-    steps = [(brightness, lambda x, f: adjust_brightness_accumulative(x, f), factor(brightness, 1.0)),
-             (contrast, lambda x, f: adjust_contrast_with_mean_subtraction(x, f), factor(contrast, 1.0)),
-             (saturation, lambda x, f: adjust_saturation_with_gray_subtraction(x, f), factor(saturation, 1.0)),
+    steps = [(brightness, adjust_brightness_accumulative, factor(brightness, 1.0)),
+             (contrast, adjust_contrast_with_mean_subtraction, factor(contrast, 1.0)),
+             (saturation, adjust_saturation_with_gray_subtraction, factor(saturation, 1.0)),
              (hue, adjust_hue, factor(hue, 0.0))]
     for index in torch.randperm(4).tolist():
         strength, step, factors = steps[index]
