@@ -13,6 +13,7 @@ optimizer its docs recommend.
 * ``lightly`` 1.6.0: its BYOL example, ``BYOLProjectionHead``/``BYOLPredictionHead``,
   ``NegativeCosineSimilarity``, ``update_momentum`` with ``cosine_schedule`` and ``BYOLTransform``
   (PIL, per image) in a ``DataLoader`` with workers; SGD at lr 0.06 with momentum 0.9.
+* ``byol_nb --compile``: the same, with LARS's update compiled by ``torch.compile`` (``--compile``).
 * ``ideal``: byol_nb's networks on views augmented once before timing: online forward, loss,
   backward and target forward only, the floor that any full step is compared with.
 
@@ -23,6 +24,7 @@ default; byol-pytorch is told so) so that the compared work is the same model.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -93,7 +95,7 @@ def forever(loader: DataLoader):
 
 
 # ---- byol_nb --------------------------------------------------------------------------------------
-def train_byol_nb(setup: Setup) -> Trained:
+def train_byol_nb(setup: Setup, compile_optimizer: bool = False) -> Trained:
     import pytorch_lightning as pl
 
     from byol_nb.data import TensorImages
@@ -113,7 +115,7 @@ def train_byol_nb(setup: Setup) -> Trained:
     pl.seed_everything(setup.seed, verbose=False)
     config = TrainConfig(image_size=setup.size, batch_size=setup.batch, proj_hidden=HIDDEN, proj_dim=OUT,
                          seed=setup.seed)
-    module = BYOLModule(config)
+    module = BYOLModule(config, compile_optimizer=compile_optimizer)
     hwc = setup.pixels.permute(0, 2, 3, 1).numpy()
     dataset = TensorImages(hwc, [-1] * len(hwc), setup.size, classes=[])
     clock = StepClock()
@@ -276,4 +278,6 @@ PEERS: dict[str, Callable[[Setup], Trained]] = {
     "byol-pytorch": train_byol_pytorch,
     "lightly": train_lightly,
 }
-RUNNERS: dict[str, Callable[[Setup], Trained]] = {**PEERS, "ideal": ideal_step}
+COMPILED = "byol_nb --compile"
+RUNNERS: dict[str, Callable[[Setup], Trained]] = {
+    **PEERS, COMPILED: functools.partial(train_byol_nb, compile_optimizer=True), "ideal": ideal_step}

@@ -4,9 +4,9 @@
     python -m bench.run --quick              # the same code, small: a smoke test of the harness
     python -m bench.run --skip-quality --sizes 32
 
-Speed: for each size, every repeat runs byol_nb, byol-pytorch, lightly and the ideal step once each,
-one after another (each in a fresh process), so that a change in machine load hits all of them
-alike; medians over repeats. Quality: each library trains the same steps on the real-image subset
+Speed: for each size, every repeat runs byol_nb (eager and with --compile), byol-pytorch, lightly
+and the ideal step once each, one after another (each in a fresh process), so that a change in
+machine load hits all of them alike; medians over repeats. Quality: each library trains the same steps on the real-image subset
 and one kNN function scores the frozen backbones on its test split.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.peers import PEERS
+from bench.peers import COMPILED, PEERS
 
 REPO = Path(__file__).resolve().parent.parent
 SUBSET = REPO / "data" / "cifar10-subset"
@@ -95,7 +95,7 @@ def machine() -> dict:
 
 def speed(args: argparse.Namespace, source: str | None) -> list[dict]:
     """Alternating repeats; one summary row per (size, runner)."""
-    runners = [*PEERS, "ideal"]
+    runners = [*PEERS, COMPILED, "ideal"]
     rows = []
     for size in args.sizes:
         pixels = str(cached_pixels(source, size))
@@ -141,8 +141,9 @@ def speed_table(rows: list[dict]) -> str:
                      f"{r['vs_fastest_peer']:.2f}x | {r['peak_mb']:.0f} |")
     for size in sorted({r["size"] for r in rows}):
         by = {r["runner"]: r for r in rows if r["size"] == size}
-        lines.append(f"\nbyol_nb step / ideal step at {size} px: "
-                     f"{by['byol_nb']['step_s'] / by['ideal']['step_s']:.2f}x")
+        for name in ("byol_nb", COMPILED):
+            if name in by:
+                lines.append(f"{name} step / ideal step at {size} px: {by[name]['step_s'] / by['ideal']['step_s']:.2f}x")
     return "\n".join(lines)
 
 

@@ -30,12 +30,13 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
     Floating-point parameters and buffers (BN running mean/var) are averaged with one fused
     ``torch._foreach_lerp_`` per group; integer buffers (BN's batch counter) are copied.
     """
-    if len(list(target.parameters())) != len(list(online.parameters())):
+    target_params, online_params = list(target.parameters()), list(online.parameters())
+    if len(target_params) != len(online_params):
         raise ValueError("target and online networks have different parameter lists")
-    pairs = list(zip(target.parameters(), online.parameters()))
-    pairs += [(t, o) for t, o in zip(target.buffers(), online.buffers()) if t.is_floating_point()]
+    buffer_pairs = list(zip(target.buffers(), online.buffers()))
+    pairs = list(zip(target_params, online_params)) + [(t, o) for t, o in buffer_pairs if t.is_floating_point()]
     if pairs:
         torch._foreach_lerp_([t for t, _ in pairs], [o.detach() for _, o in pairs], 1 - tau)
-    for t, o in zip(target.buffers(), online.buffers()):
+    for t, o in buffer_pairs:
         if not t.is_floating_point():
             t.copy_(o)

@@ -107,10 +107,13 @@ def check_config(config: TrainConfig) -> None:
 
 
 class BYOLModule(pl.LightningModule):
-    def __init__(self, config: TrainConfig | dict) -> None:
+    def __init__(self, config: TrainConfig | dict, compile_optimizer: bool = False) -> None:
+        """``compile_optimizer`` runs LARS's update through torch.compile (``--compile``): the same
+        numbers, faster steps after a one-time compilation (BENCHMARKS.md)."""
         super().__init__()
         config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
         self.config = config
+        self.compile_optimizer = compile_optimizer
         self.save_hyperparameters(asdict(config))
         check_config(config)
         backbone = Backbone(config.backbone, small_stem=config.small_stem, pretrained=config.pretrained)
@@ -229,7 +232,8 @@ class BYOLModule(pl.LightningModule):
         world = self.trainer.world_size if self.trainer else 1
         lr = self.config.lr * self.config.batch_size * world / 256
         # The target's parameters have requires_grad=False, so only the online side is optimised.
-        optimizer = build_optimizer(self.config.optimizer, self.nets, lr, self.config.weight_decay)
+        optimizer = build_optimizer(self.config.optimizer, self.nets, lr, self.config.weight_decay,
+                                    compiled=self.compile_optimizer)
         total = self.total_steps()
         warmup = min(self.config.warmup_steps, max(1, total // 10))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))

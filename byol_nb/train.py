@@ -30,7 +30,7 @@ from byol_nb.distributed import ForkAfterCudaError, check_fork_safe, resolve_top
 from byol_nb.evaluate import evaluate_backbone
 from byol_nb.models import BACKBONES
 from byol_nb.module import METHODS, BYOLModule, TrainConfig, check_config
-from byol_nb.optim import OPTIMIZERS
+from byol_nb.optim import OPTIMIZERS, check_compiler
 from byol_nb.resume import LastCheckpoint, ResumableCSVLogger, requeue_slurm_job
 
 
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ddp_notebook, ...")
     hw.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=d.sync_bn,
                     help="with several processes, BatchNorm statistics over the global batch")
+    hw.add_argument("--compile", action="store_true",
+                    help="compile LARS's update with torch.compile (a C++ compiler on CPU): faster steps "
+                         "after ~15 s of compilation (BENCHMARKS.md)")
     hw.add_argument("--precision", default="auto",
                     help="auto (bf16-mixed on GPUs that support it and on AMX CPUs, else 32), "
                          "32, bf16-mixed, 16-mixed")
@@ -168,6 +171,14 @@ def validate_args(args: argparse.Namespace) -> None:
         check_config(config_from_args(args))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    if args.compile and args.optimizer != "lars":
+        raise SystemExit(f"error: --compile compiles LARS's update; --optimizer {args.optimizer} already runs "
+                         f"PyTorch's own fused kernels: drop --compile or use --optimizer lars")
+    if args.compile and (args.accelerator == "cpu" or torch.cuda.device_count() == 0):
+        try:
+            check_compiler()
+        except RuntimeError as error:
+            raise SystemExit(f"error: {error}") from None
     _check_writable(Path(args.out))  # last: it creates the folder
 
 
@@ -220,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     datamodule = SSLDataModule(args.data, args.val_data, args.image_size, args.batch_size, args.num_workers,
                                seed=config.seed)
-    module = BYOLModule(config)
+    module = BYOLModule(config, compile_optimizer=args.compile)
     initial_backbone = copy.deepcopy(module.backbone.state_dict())
     resume_from = out / "last.ckpt" if args.resume else None
     resume_step = _check_resume(resume_from, config, module) if resume_from is not None else None

@@ -14,7 +14,15 @@ from byol_nb.ema import cosine_momentum, ema_update_
 from byol_nb.losses import byol_loss, symmetric_byol_loss
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.module import BYOLModule, TrainConfig
-from byol_nb.optim import LARS, build_optimizer, warmup_cosine
+from byol_nb.optim import LARS, build_optimizer, check_compiler, warmup_cosine
+
+
+def has_cpp_compiler() -> bool:
+    try:
+        check_compiler()
+    except RuntimeError:
+        return False
+    return True
 
 
 def small_networks() -> BYOLNetworks:
@@ -165,19 +173,27 @@ def test_lars_skips_adaptation_for_biases_and_scales_weights():
     torch.testing.assert_close(b.detach(), torch.full((4,), 1 - 2.0))
 
 
-def test_lars_matches_the_per_tensor_formula_over_several_steps():
-    """The batched (foreach) update equals LARS written out tensor by tensor: SGD momentum on
-    trust * (g + wd w), trust = eta ||w|| / ||g + wd w|| (1 where a norm is 0), no adaptation
-    for the lars=False group, and no update or state for a parameter without a gradient."""
+COMPILED = [False, pytest.param(True, marks=pytest.mark.skipif(not has_cpp_compiler(), reason="no C++ compiler"))]
+
+
+@pytest.mark.parametrize("compiled", COMPILED, ids=["eager", "compiled"])
+def test_lars_matches_the_per_tensor_formula_over_several_steps(compiled):
+    """The fused update (eager: dot products and PyTorch's fused SGD; compiled: torch.compile of
+    lars_update_) equals LARS written out tensor by tensor: SGD momentum on trust * (g + wd w),
+    trust = eta ||w|| / ||g + wd w|| (1 where a norm is 0), no adaptation for the lars=False group,
+    and no update or state for a parameter without a gradient. The learning rate changes every
+    step, as under the schedule (a compiled step must not keep the first one)."""
     torch.manual_seed(0)
     weights = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.randn(3, 3))]
     biases = [nn.Parameter(torch.randn(4))]
     reference = [p.detach().clone() for p in weights + biases]
     momenta = [torch.zeros_like(p) for p in reference]
-    lr, momentum, wd, eta = 0.5, 0.9, 0.1, 0.02
-    opt = LARS([dict(params=weights), dict(params=biases, lars=False, weight_decay=0.0)], lr=lr, momentum=momentum,
-               weight_decay=wd, trust_coefficient=eta)
-    for _ in range(3):
+    momentum, wd, eta = 0.9, 0.1, 0.02
+    opt = LARS([dict(params=weights), dict(params=biases, lars=False, weight_decay=0.0)], lr=0.5, momentum=momentum,
+               weight_decay=wd, trust_coefficient=eta, compiled=compiled)
+    for lr in (0.5, 0.3, 0.1):
+        for group in opt.param_groups:
+            group["lr"] = lr
         grads = [torch.randn_like(p) for p in reference]
         for p, g in zip(weights + biases, grads):
             p.grad = g.clone()
@@ -197,13 +213,15 @@ def test_lars_matches_the_per_tensor_formula_over_several_steps():
     assert weights[2] not in opt.state
 
 
-def test_lars_updates_channels_last_weights_like_contiguous_ones():
+@pytest.mark.parametrize("compiled", COMPILED, ids=["eager", "compiled"])
+def test_lars_updates_channels_last_weights_like_contiguous_ones(compiled):
     """LARS steps through 1-D views in memory order; on channels_last weights (and on a momentum
     buffer restored in another layout) the update must still land, element for element."""
     torch.manual_seed(0)
     plain = nn.Parameter(torch.randn(6, 4, 3, 3))
     last = nn.Parameter(plain.detach().clone().to(memory_format=torch.channels_last))
-    optimizers = [LARS([dict(params=[p])], lr=0.5, weight_decay=0.1, trust_coefficient=0.02) for p in (plain, last)]
+    optimizers = [LARS([dict(params=[p])], lr=0.5, weight_decay=0.1, trust_coefficient=0.02, compiled=compiled)
+                  for p in (plain, last)]
     for step in range(3):
         grad = torch.randn(6, 4, 3, 3)
         plain.grad, last.grad = grad.clone(), grad.clone().to(memory_format=torch.channels_last)

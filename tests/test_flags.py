@@ -44,6 +44,23 @@ def test_bad_value_gets_its_message(tmp_path, flags, expected):
     assert not (tmp_path / "out").exists(), "a rejected run must not create its output folder"
 
 
+def test_compile_without_a_cpp_compiler(tmp_path, monkeypatch):
+    """--compile on a CPU machine without g++/clang stops before training, naming both ways out."""
+    from torch._inductor import cpp_builder, exc
+
+    def no_compiler() -> str:
+        raise exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    message = _stop(tmp_path, "--compile")
+    assert "--compile needs a C++ compiler" in message and "drop --compile" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_with_another_optimizer(tmp_path):
+    assert "--compile compiles LARS's update; --optimizer adamw" in _stop(tmp_path, "--compile", "--optimizer", "adamw")
+
+
 def test_gpu_flag_without_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     message = _stop(tmp_path, "--accelerator", "gpu")
