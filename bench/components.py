@@ -5,7 +5,7 @@
 Times the parts of one step separately (batch 64, two views) in process CPU time, which a crowded
 machine disturbs far less than wall-clock time: the online forward + backward and target forward
 on fixed views under each memory-format/precision/convolution option, the two-view augmentation, the LARS step
-and the EMA update. The options that :mod:`bench.run` shows paying end to end were chosen from this.
+(eager and compiled) and the EMA update. The options that :mod:`bench.run` shows paying end to end were chosen from this.
 """
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ def measure(size: int, batch: int, repeats: int) -> dict[str, float]:
         result[f"model step, {name}"] = median_ms(model_step(nets, both, bf16), repeats)
     nets = networks(True)
     model_step(nets, both, False)()  # gradients for the optimizer
-    optimizer = build_optimizer("lars", nets, 0.5, 1.5e-6)
     result["augmentation (two views)"] = median_ms(lambda: augment(images, seed=1), repeats)
-    result["LARS step"] = median_ms(optimizer.step, repeats)
+    for label, compiled in (("LARS step", False), ("LARS step, --compile", True)):
+        optimizer = build_optimizer("lars", nets, 0.5, 1.5e-6, compiled=compiled)
+        result[label] = median_ms(optimizer.step, repeats)  # the untimed first call compiles
     result["EMA update"] = median_ms(lambda: ema_update_(nets.target, nets.online, 0.99), repeats)
     return result
 

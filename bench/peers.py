@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -58,6 +59,7 @@ class Setup:
 class Trained(NamedTuple):
     backbone: nn.Module  # ImageNet-normalised (B, 3, S, S) -> pooled features (B, 512)
     stamps: list[float]  # time.perf_counter() at the start of every step, then once at the end
+    ideal_s: tuple[float, ...] = ()  # paired runs only: the ideal step timed after each step
 
 
 class Clock:
@@ -95,9 +97,12 @@ def forever(loader: DataLoader):
 
 
 # ---- byol_nb --------------------------------------------------------------------------------------
-def train_byol_nb(setup: Setup, compile_optimizer: bool = False) -> Trained:
+def train_byol_nb(setup: Setup, compile_optimizer: bool = False, paired: bool = False) -> Trained:
+    """``paired``: after every step, one ideal step (:func:`model_step` on views augmented once) with
+    the same networks, timed apart and returned in ``Trained.ideal_s``; see :func:`paired_ratio`."""
     import pytorch_lightning as pl
 
+    from byol_nb.augment import AugmentConfig, TwoViewAugment
     from byol_nb.data import TensorImages
     from byol_nb.module import BYOLModule, TrainConfig
     from byol_nb.train import resolve_precision
@@ -105,9 +110,19 @@ def train_byol_nb(setup: Setup, compile_optimizer: bool = False) -> Trained:
     class StepClock(pl.Callback):
         def __init__(self) -> None:
             self.clock = Clock()
+            self.ideal_s: list[float] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
             self.clock.tick()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+            if paired:
+                ideal = Clock()
+                ideal.tick()
+                model_step(pl_module.nets, both, bf16)
+                ideal.tick()
+                pl_module.nets.zero_grad(set_to_none=True)
+                self.ideal_s.append(ideal.stamps[1] - ideal.stamps[0])
 
         def on_train_end(self, trainer, pl_module) -> None:
             self.clock.tick()
@@ -118,13 +133,29 @@ def train_byol_nb(setup: Setup, compile_optimizer: bool = False) -> Trained:
     module = BYOLModule(config, compile_optimizer=compile_optimizer)
     hwc = setup.pixels.permute(0, 2, 3, 1).numpy()
     dataset = TensorImages(hwc, [-1] * len(hwc), setup.size, classes=[])
+    precision = resolve_precision(setup.precision, "auto")
+    bf16 = precision == "bf16-mixed"
+    view1, view2 = TwoViewAugment(AugmentConfig(setup.size))(dataset.pixels[: setup.batch], seed=setup.seed)
+    both = torch.cat([view1.images, view2.images]).to(setup.device).contiguous(memory_format=torch.channels_last)
     clock = StepClock()
-    trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=setup.steps, logger=False,
-                         precision=resolve_precision(setup.precision, "auto"),
+    trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=setup.steps, logger=False, precision=precision,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=[clock])
     trainer.fit(module, train_dataloaders=batches(setup, dataset))
-    return Trained(module.backbone, clock.clock.stamps)
+    return Trained(module.backbone, clock.clock.stamps, tuple(clock.ideal_s))
+
+
+def paired_ratio(stamps: list[float], ideal_s: list[float], warmup: int) -> dict:
+    """byol_nb's full step over its ideal step, measured alternately in one process.
+
+    Step k's full time is the gap between the starts of steps k and k+1 minus the ideal step run in
+    it. Separate runs of the two, a minute apart on a shared machine, drift by more than the 20%
+    being measured; alternated, a slow spell of the host slows both alike.
+    """
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    full = [gap - ideal for gap, ideal in zip(gaps, ideal_s)][warmup:]
+    ideal = ideal_s[warmup:len(gaps)]
+    return {"full_s": full, "ideal_s": ideal, "ratio": statistics.median(full) / statistics.median(ideal)}
 
 
 # ---- byol-pytorch (lucidrains) --------------------------------------------------------------------

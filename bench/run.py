@@ -6,8 +6,10 @@
 
 Speed: for each size, every repeat runs byol_nb (eager and with --compile), byol-pytorch, lightly
 and the ideal step once each, one after another (each in a fresh process), so that a change in
-machine load hits all of them alike; medians over repeats. Quality: each library trains the same steps on the real-image subset
-and one kNN function scores the frozen backbones on its test split.
+machine load hits all of them alike; medians over repeats. Then byol_nb's step over its ideal
+step, the two alternated within each run (``bench.peers.paired_ratio``). Quality: each library
+trains the same steps on the real-image subset and one kNN function scores the frozen backbones
+on its test split.
 """
 
 from __future__ import annotations
@@ -120,6 +122,24 @@ def speed(args: argparse.Namespace, source: str | None) -> list[dict]:
     return rows
 
 
+def paired(args: argparse.Namespace, source: str | None) -> list[dict]:
+    """byol_nb's step over its ideal step, the two alternated in each run; median over repeats."""
+    rows = []
+    for size in args.sizes:
+        pixels = str(cached_pixels(source, size))
+        for name in ("byol_nb", COMPILED):
+            ratios = []
+            for repeat in range(args.repeats):
+                spec = dict(task="paired", runner=name, size=size, batch=args.batch, steps=args.steps,
+                            warmup=args.warmup, workers=args.workers, precision=args.precision,
+                            threads=args.threads, pixels=pixels)
+                ratios.append(run_worker(spec)["ratio"])
+                print(f"  {size:>3} px  repeat {repeat + 1}/{args.repeats}  {name:<17} step / ideal step "
+                      f"{ratios[-1]:.2f}x", flush=True)
+            rows.append({"size": size, "runner": name, "ratio": statistics.median(ratios), "repeats": ratios})
+    return rows
+
+
 def quality(args: argparse.Namespace) -> list[dict]:
     train, test = str(cached_pixels("train", args.quality_size)), str(cached_pixels("test", args.quality_size))
     rows = []
@@ -139,11 +159,14 @@ def speed_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['size']} | {r['runner']} | {r['images_per_s']:.1f} | {r['step_s']:.3f} | "
                      f"{r['vs_fastest_peer']:.2f}x | {r['peak_mb']:.0f} |")
-    for size in sorted({r["size"] for r in rows}):
-        by = {r["runner"]: r for r in rows if r["size"] == size}
-        for name in ("byol_nb", COMPILED):
-            if name in by:
-                lines.append(f"{name} step / ideal step at {size} px: {by[name]['step_s'] / by['ideal']['step_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def paired_table(rows: list[dict]) -> str:
+    lines = ["| size | implementation | step / ideal step (median) | repeats |", "|---:|---|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['runner']} | {r['ratio']:.2f}x | "
+                     + " / ".join(f"{x:.2f}" for x in r["repeats"]) + " |")
     return "\n".join(lines)
 
 
@@ -190,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_speed:
         print("speed (images/s of a full training step, source images; each image gives two views)", flush=True)
         report["speed"] = speed(args, "train" if has_subset else None)
+        print("step / ideal step, alternated in one process", flush=True)
+        report["paired"] = paired(args, "train" if has_subset else None)
     if args.skip_quality:
         pass
     elif has_subset:
@@ -204,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if "speed" in report:
         print(speed_table(report["speed"]) + "\n")
+        print(paired_table(report["paired"]) + "\n")
     if "quality" in report:
         print(quality_table(report["quality"]) + "\n")
     print(f"load average {report['machine']['load_avg_start']} -> {report['machine']['load_avg_end']}; "

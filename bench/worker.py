@@ -17,7 +17,7 @@ import time
 import psutil
 import torch
 
-from bench.peers import RUNNERS, Setup
+from bench.peers import COMPILED, RUNNERS, Setup, paired_ratio, train_byol_nb
 
 
 class PeakMemory:
@@ -79,6 +79,15 @@ def speed(spec: dict) -> dict:
             "peak_mb": memory.megabytes}
 
 
+def paired(spec: dict) -> dict:
+    """byol_nb's full step and its ideal step alternated in one run (bench.peers.paired_ratio)."""
+    pixels = torch.load(spec["pixels"], weights_only=True)["pixels"]
+    setup = Setup(pixels, spec["size"], spec["batch"], spec["warmup"] + spec["steps"], spec.get("seed", 0),
+                  spec.get("workers", 2), spec.get("precision", "auto"))
+    trained = train_byol_nb(setup, compile_optimizer=spec["runner"] == COMPILED, paired=True)
+    return {**spec, **paired_ratio(trained.stamps, list(trained.ideal_s), spec["warmup"])}
+
+
 def quality(spec: dict) -> dict:
     """kNN top-1 (byol_nb.evaluate.knn_top1: cosine, k 20, T 0.1) of the backbone after training."""
     from byol_nb.evaluate import extract_features, knn_top1
@@ -110,7 +119,7 @@ def _labeled(saved: dict) -> torch.utils.data.Dataset:
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
-    result = {"speed": speed, "quality": quality}[spec["task"]](spec)
+    result = {"speed": speed, "paired": paired, "quality": quality}[spec["task"]](spec)
     print(json.dumps(result))
     return 0
 
