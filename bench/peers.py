@@ -135,8 +135,9 @@ def train_byol_nb(setup: Setup, compile_optimizer: bool = False, paired: bool = 
     dataset = TensorImages(hwc, [-1] * len(hwc), setup.size, classes=[])
     precision = resolve_precision(setup.precision, "auto")
     bf16 = precision == "bf16-mixed"
-    view1, view2 = TwoViewAugment(AugmentConfig(setup.size))(dataset.pixels[: setup.batch], seed=setup.seed)
-    both = torch.cat([view1.images, view2.images]).to(setup.device).contiguous(memory_format=torch.channels_last)
+    if paired:  # the ideal step's fixed views
+        view1, view2 = TwoViewAugment(AugmentConfig(setup.size))(dataset.pixels[: setup.batch], seed=setup.seed)
+        both = torch.cat([view1.images, view2.images]).to(setup.device).contiguous(memory_format=torch.channels_last)
     clock = StepClock()
     trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=setup.steps, logger=False, precision=precision,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -54,8 +54,8 @@ class LARS(torch.optim.Optimizer):
                 continue
             if self._compiled_update is not None:
                 self._compiled_update(params, [p.grad for p in params], self._momentum_buffers(params),
-                                      torch.tensor(group["lr"]), group["momentum"], group["weight_decay"],
-                                      group["trust_coefficient"], group["lars"])
+                                      torch.tensor(group["lr"], device=params[0].device), group["momentum"],
+                                      group["weight_decay"], group["trust_coefficient"], group["lars"])
                 continue
             buffers = self._momentum_buffers(params) if group["momentum"] else [None] * len(params)
             # 1-D views in each parameter's memory order: the fused kernel and the dot product are
