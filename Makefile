@@ -29,7 +29,7 @@ train: venv
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# the speed and quality tables of BENCHMARKS.md (about 5 minutes on 2 idle CPU cores);
+# the speed and quality tables of BENCHMARKS.md (the speed part alone took 11 minutes on the 2-core CPU);
 # make bench ARGS=--quick for a smoke run of the harness
 bench: venv
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[bench]'
