@@ -13,7 +13,7 @@ optimizer its docs recommend.
 * ``lightly`` 1.6.0: its BYOL example, ``BYOLProjectionHead``/``BYOLPredictionHead``,
   ``NegativeCosineSimilarity``, ``update_momentum`` with ``cosine_schedule`` and ``BYOLTransform``
   (PIL, per image) in a ``DataLoader`` with workers; SGD at lr 0.06 with momentum 0.9.
-* ``byol_nb --compile``: the same, with LARS's update compiled by ``torch.compile`` (``--compile``).
+* ``byol_nb --compile``: the same, with LARS's update and the colour steps compiled by ``torch.compile`` (``--compile``).
 * ``ideal``: byol_nb's networks on views augmented once before timing: online forward, loss,
   backward and target forward only, the floor that any full step is compared with.
 
@@ -97,7 +97,7 @@ def forever(loader: DataLoader):
 
 
 # ---- byol_nb --------------------------------------------------------------------------------------
-def train_byol_nb(setup: Setup, compile_optimizer: bool = False, paired: bool = False) -> Trained:
+def train_byol_nb(setup: Setup, compiled: bool = False, paired: bool = False) -> Trained:
     """``paired``: after every step, one ideal step (:func:`model_step` on views augmented once) with
     the same networks, timed apart and returned in ``Trained.ideal_s``; see :func:`paired_ratio`."""
     import pytorch_lightning as pl
@@ -130,7 +130,7 @@ def train_byol_nb(setup: Setup, compile_optimizer: bool = False, paired: bool = 
     pl.seed_everything(setup.seed, verbose=False)
     config = TrainConfig(image_size=setup.size, batch_size=setup.batch, proj_hidden=HIDDEN, proj_dim=OUT,
                          seed=setup.seed)
-    module = BYOLModule(config, compile_optimizer=compile_optimizer)
+    module = BYOLModule(config, compiled=compiled)
     hwc = setup.pixels.permute(0, 2, 3, 1).numpy()
     dataset = TensorImages(hwc, [-1] * len(hwc), setup.size, classes=[])
     precision = resolve_precision(setup.precision, "auto")
@@ -312,4 +312,4 @@ PEERS: dict[str, Callable[[Setup], Trained]] = {
 }
 COMPILED = "byol_nb --compile"
 RUNNERS: dict[str, Callable[[Setup], Trained]] = {
-    **PEERS, COMPILED: functools.partial(train_byol_nb, compile_optimizer=True), "ideal": ideal_step}
+    **PEERS, COMPILED: functools.partial(train_byol_nb, compiled=True), "ideal": ideal_step}

@@ -84,7 +84,7 @@ def paired(spec: dict) -> dict:
     pixels = torch.load(spec["pixels"], weights_only=True)["pixels"]
     setup = Setup(pixels, spec["size"], spec["batch"], spec["warmup"] + spec["steps"], spec.get("seed", 0),
                   spec.get("workers", 2), spec.get("precision", "auto"))
-    trained = train_byol_nb(setup, compile_optimizer=spec["runner"] == COMPILED, paired=True)
+    trained = train_byol_nb(setup, compiled=spec["runner"] == COMPILED, paired=True)
     return {**spec, **paired_ratio(trained.stamps, list(trained.ideal_s), spec["warmup"])}
 
 

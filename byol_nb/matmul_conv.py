@@ -50,24 +50,26 @@ def patch_matmul_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: 
                         padding: tuple[int, int]) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` for groups 1 and dilation 1, as im2col + matmul.
 
-    Kernel taps that only ever see padding are dropped first (:func:`_useful_taps`). The patches
-    are gathered channels-last (a view for channels_last inputs) so that each row of the patch
-    matrix is one output cell, and the result comes back as a channels_last tensor.
+    Kernel taps that only ever see padding are dropped first (:func:`_useful_taps`). Patches and
+    weight are both laid out channels-last, ``(kh, kw, C)`` per row: each row of the patch matrix
+    is one output cell, the weight of a channels_last convolution is used where it lies in memory
+    (a view, not a copy), and its gradient comes back channels_last, so autograd stores it as is
+    instead of copying it into the parameter's layout. The result is a channels_last tensor.
     """
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))  # gather half as many bytes
     (h0, h1, top, bottom), (w0, w1, left, right) = (
         _useful_taps(size, kernel, step, pad)
         for size, kernel, step, pad in zip(x.shape[-2:], weight.shape[-2:], stride, padding))
-    weight = weight[:, :, h0:h1, w0:w1]
-    out_channels, in_channels, kh, kw = weight.shape
+    taps = weight.permute(0, 2, 3, 1)[:, h0:h1, w0:w1]  # (O, kh, kw, C)
+    out_channels, kh, kw, in_channels = taps.shape
     cells = x.permute(0, 2, 3, 1)  # (B, H, W, C)
     if top or bottom or left or right:
         cells = F.pad(cells, (0, 0, left, right, top, bottom))
     patches = cells.unfold(1, kh, stride[0]).unfold(2, kw, stride[1])  # (B, Ho, Wo, C, kh, kw), a view
     batch, out_h, out_w = patches.shape[:3]
-    rows = patches.reshape(batch * out_h * out_w, in_channels * kh * kw)
-    out = F.linear(rows, weight.reshape(out_channels, in_channels * kh * kw), bias)
+    rows = patches.permute(0, 1, 2, 4, 5, 3).reshape(batch * out_h * out_w, kh * kw * in_channels)
+    out = F.linear(rows, taps.reshape(out_channels, kh * kw * in_channels), bias)
     return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
 
 

@@ -107,13 +107,13 @@ def check_config(config: TrainConfig) -> None:
 
 
 class BYOLModule(pl.LightningModule):
-    def __init__(self, config: TrainConfig | dict, compile_optimizer: bool = False) -> None:
-        """``compile_optimizer`` runs LARS's update through torch.compile (``--compile``): the same
-        numbers, faster steps after a one-time compilation (BENCHMARKS.md)."""
+    def __init__(self, config: TrainConfig | dict, compiled: bool = False) -> None:
+        """``compiled`` runs LARS's update and the augmentation's colour steps through torch.compile
+        (``--compile``): the same numbers, faster steps after a one-time compilation (BENCHMARKS.md)."""
         super().__init__()
         config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
         self.config = config
-        self.compile_optimizer = compile_optimizer
+        self.compiled = compiled
         self.save_hyperparameters(asdict(config))
         check_config(config)
         backbone = Backbone(config.backbone, small_stem=config.small_stem, pretrained=config.pretrained)
@@ -126,7 +126,8 @@ class BYOLModule(pl.LightningModule):
             self.nets.online.projector.requires_grad_(False)
             self.nets.predictor.requires_grad_(False)
         self.augment = TwoViewAugment(AugmentConfig(config.image_size, crop_scale=(config.crop_min_scale, 1.0),
-                                                    jitter=tuple(config.jitter), grayscale_p=config.grayscale_p))
+                                                    jitter=tuple(config.jitter), grayscale_p=config.grayscale_p),
+                                      compiled=compiled)
         self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
     @property
@@ -233,7 +234,7 @@ class BYOLModule(pl.LightningModule):
         lr = self.config.lr * self.config.batch_size * world / 256
         # The target's parameters have requires_grad=False, so only the online side is optimised.
         optimizer = build_optimizer(self.config.optimizer, self.nets, lr, self.config.weight_decay,
-                                    compiled=self.compile_optimizer)
+                                    compiled=self.compiled)
         total = self.total_steps()
         warmup = min(self.config.warmup_steps, max(1, total // 10))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))

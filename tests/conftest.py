@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import settings
 
+from byol_nb.optim import check_compiler
 from byol_nb.shapes import generate_shapes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,3 +41,14 @@ def cifar_subset() -> Path:
         with tarfile.open(CIFAR_TAR) as tar:
             tar.extractall(CIFAR_DIR.parent, filter="data")
     return CIFAR_DIR
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cpp_compiler`` (torch.compile on the CPU) skip where no C++ compiler is found."""
+    try:
+        check_compiler()
+    except RuntimeError as error:
+        skip = pytest.mark.skip(reason=str(error))
+        for item in items:
+            if "cpp_compiler" in item.keywords:
+                item.add_marker(skip)

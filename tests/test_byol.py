@@ -14,15 +14,7 @@ from byol_nb.ema import cosine_momentum, ema_update_
 from byol_nb.losses import byol_loss, symmetric_byol_loss
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.module import BYOLModule, TrainConfig
-from byol_nb.optim import LARS, build_optimizer, check_compiler, warmup_cosine
-
-
-def has_cpp_compiler() -> bool:
-    try:
-        check_compiler()
-    except RuntimeError:
-        return False
-    return True
+from byol_nb.optim import LARS, build_optimizer, warmup_cosine
 
 
 def small_networks() -> BYOLNetworks:
@@ -173,7 +165,7 @@ def test_lars_skips_adaptation_for_biases_and_scales_weights():
     torch.testing.assert_close(b.detach(), torch.full((4,), 1 - 2.0))
 
 
-COMPILED = [False, pytest.param(True, marks=pytest.mark.skipif(not has_cpp_compiler(), reason="no C++ compiler"))]
+COMPILED = [False, pytest.param(True, marks=pytest.mark.cpp_compiler)]
 
 
 @pytest.mark.parametrize("compiled", COMPILED, ids=["eager", "compiled"])

@@ -57,10 +57,6 @@ def test_compile_without_a_cpp_compiler(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_compile_with_another_optimizer(tmp_path):
-    assert "--compile compiles LARS's update; --optimizer adamw" in _stop(tmp_path, "--compile", "--optimizer", "adamw")
-
-
 def test_gpu_flag_without_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     message = _stop(tmp_path, "--accelerator", "gpu")

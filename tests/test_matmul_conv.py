@@ -29,6 +29,8 @@ def test_patch_matmul_equals_conv2d_forward_and_backward(in_channels, out_channe
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(out_channels, in_channels, kernel, kernel, dtype=torch.float64)
+    if channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
     b = torch.randn(out_channels, dtype=torch.float64) if bias else None
     leaves = [t.requires_grad_() for t in (x, weight) + ((b,) if bias else ())]
 
@@ -42,6 +44,17 @@ def test_patch_matmul_equals_conv2d_forward_and_backward(in_channels, out_channe
     got_grads = torch.autograd.grad(got, leaves, grad_out)
     for g, e in zip(got_grads, expected_grads):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_weight_gradient_comes_back_in_the_weights_layout(size):
+    """A channels_last weight (how BYOLModule keeps its convolutions) gets a channels_last gradient,
+    which autograd stores as it is; any other layout costs a full copy of the gradient per step
+    (three 9 MB copies per step for ResNet-18's last stage)."""
+    weight = torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(2, 8, size, size).contiguous(memory_format=torch.channels_last)
+    (grad,) = torch.autograd.grad(patch_matmul_conv2d(x, weight, None, (1, 1), (1, 1)).sum(), [weight])
+    assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_dropping_taps_that_only_see_padding_keeps_every_small_case_exact():
