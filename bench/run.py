@@ -7,7 +7,7 @@
 Speed: for each size, every repeat runs byol_nb (eager and with --compile), byol-pytorch, lightly
 and the ideal step once each, one after another (each in a fresh process), so that a change in
 machine load hits all of them alike; medians over repeats. Then byol_nb's step over its ideal
-step, the two alternated within each run (``bench.peers.paired_ratio``). Quality: each library
+step, the two in alternating blocks within each run (``bench.peers.paired_ratio``). Quality: each library
 trains the same steps on the real-image subset and one kNN function scores the frozen backbones
 on its test split.
 """
@@ -123,14 +123,15 @@ def speed(args: argparse.Namespace, source: str | None) -> list[dict]:
 
 
 def paired(args: argparse.Namespace, source: str | None) -> list[dict]:
-    """byol_nb's step over its ideal step, the two alternated in each run; median over repeats."""
+    """byol_nb's step over its ideal step, in alternating blocks in each run (twice ``--steps``
+    steps, so that enough of them are not next to a block); median over repeats."""
     rows = []
     for size in args.sizes:
         pixels = str(cached_pixels(source, size))
         for name in ("byol_nb", COMPILED):
             ratios = []
             for repeat in range(args.repeats):
-                spec = dict(task="paired", runner=name, size=size, batch=args.batch, steps=args.steps,
+                spec = dict(task="paired", runner=name, size=size, batch=args.batch, steps=2 * args.steps,
                             warmup=args.warmup, workers=args.workers, precision=args.precision,
                             threads=args.threads, pixels=pixels)
                 ratios.append(run_worker(spec)["ratio"])

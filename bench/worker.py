@@ -80,12 +80,12 @@ def speed(spec: dict) -> dict:
 
 
 def paired(spec: dict) -> dict:
-    """byol_nb's full step and its ideal step alternated in one run (bench.peers.paired_ratio)."""
+    """byol_nb's full step and its ideal step in alternating blocks in one run (bench.peers.paired_ratio)."""
     pixels = torch.load(spec["pixels"], weights_only=True)["pixels"]
     setup = Setup(pixels, spec["size"], spec["batch"], spec["warmup"] + spec["steps"], spec.get("seed", 0),
                   spec.get("workers", 2), spec.get("precision", "auto"))
     trained = train_byol_nb(setup, compiled=spec["runner"] == COMPILED, paired=True)
-    return {**spec, **paired_ratio(trained.stamps, list(trained.ideal_s), spec["warmup"])}
+    return {**spec, **paired_ratio(trained.stamps, list(trained.ideal_s), list(trained.block_s), spec["warmup"])}
 
 
 def quality(spec: dict) -> dict:
