@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/byol", help="output folder")
     run.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
+    run.add_argument("--knn-every-n-epochs", type=int, default=5,
+                     help="epochs between kNN monitor passes (at most the run's length, so that a short run "
+                          "is monitored too); each pass embeds the whole labeled split, about 15%% of an epoch "
+                          "on the built-in data")
     run.add_argument("--save-every-n-steps", type=int, default=200,
                      help="write OUT/last.ckpt every N optimizer steps (also at the end, and on SIGTERM/SIGUSR1)")
     run.add_argument("--log-every-n-steps", type=int, default=10, help="steps between rows of logs/metrics.csv")
@@ -156,7 +160,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def validate_args(args: argparse.Namespace) -> None:
     """Stop before any work with one clear line for values that cannot work."""
     for flag in ("batch_size", "max_epochs", "max_steps", "save_every_n_steps", "num_nodes", "proj_hidden",
-                 "proj_dim", "log_every_n_steps"):
+                 "proj_dim", "log_every_n_steps", "knn_every_n_epochs"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive, got {value}")
@@ -248,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=callbacks, enable_checkpointing=datamodule.spec.val is not None, plugins=[AtomicCheckpointIO()],
         logger=ResumableCSVLogger(out, name="logs", version="", resume_step=resume_step, flush_logs_every_n_steps=1),
         log_every_n_steps=args.log_every_n_steps,
+        check_val_every_n_epoch=min(args.knn_every_n_epochs, args.max_epochs or args.knn_every_n_epochs),
         enable_progress_bar=not args.no_progress, enable_model_summary=False, deterministic=False,
         num_sanity_val_steps=0)
     started = time.perf_counter()

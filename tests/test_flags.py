@@ -27,6 +27,7 @@ def _stop(tmp_path, *flags: str) -> str:
     (["--max-steps", "0"], "--max-steps must be positive, got 0"),
     (["--max-epochs", "-1"], "--max-epochs must be positive, got -1"),
     (["--save-every-n-steps", "0"], "--save-every-n-steps must be positive, got 0"),
+    (["--knn-every-n-epochs", "0"], "--knn-every-n-epochs must be positive, got 0"),
     (["--num-workers", "-1"], "--num-workers must be 0 or more, got -1"),
     (["--image-size", "4"], "--image-size must be at least 8, got 4"),
     (["--lr", "0"], "--lr must be positive"),

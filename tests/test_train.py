@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -88,3 +89,18 @@ def test_training_crops_come_from_twice_the_view_size(tiny_shapes):
     assert datamodule.train_set[0][0].shape == (3, 32, 32)
     assert datamodule.val_set[0][0].shape == datamodule.bank_set[0][0].shape == (3, 16, 16)
     assert SSLDataModule("cifar10", None, 32, batch_size=8).crop_source_size == 32  # no detail to gain
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, monitored_epochs", [
+    (["--max-epochs", "4", "--knn-every-n-epochs", "2"], [1, 3]),
+    (["--max-epochs", "2"], [1]),  # the default (every 5) shrinks to the run's length: still monitored
+])
+def test_knn_monitor_runs_every_n_epochs(tiny_shapes, tmp_path, flags, monitored_epochs):
+    code = train.main(["--data", str(tiny_shapes / "train"), "--val-data", str(tiny_shapes / "test"),
+                       "--out", str(tmp_path), "--accelerator", "cpu", *flags, *TINY])
+    assert code == 0
+    with open(tmp_path / "logs" / "metrics.csv", newline="") as f:
+        epochs = sorted({int(row["epoch"]) for row in csv.DictReader(f) if row.get("knn_top1")})
+    assert epochs == monitored_epochs
+    assert (tmp_path / "best.ckpt").is_file()
