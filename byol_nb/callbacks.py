@@ -38,6 +38,20 @@ class ThroughputMonitor(pl.Callback):
         return self.images / self.seconds if self.seconds else 0.0
 
 
+class MonitorInterval(pl.Callback):
+    """Run the kNN monitor every ``every_n_epochs`` epochs, and at least once in a run of one full
+    epoch or more: the interval shrinks to the run's number of full epochs, which is known only
+    once the training data is loaded (a ``--max-steps`` run). Each monitor pass embeds the whole
+    labeled split, so passes every epoch cost a short run about 15% of its time."""
+
+    def __init__(self, every_n_epochs: int) -> None:
+        self.every_n_epochs = every_n_epochs
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        full_epochs = int(trainer.estimated_stepping_batches) // max(1, int(trainer.num_training_batches))
+        trainer.check_val_every_n_epoch = max(1, min(self.every_n_epochs, full_epochs))
+
+
 class FailureInjection(pl.Callback):
     """Makes one process raise at a given step, to test that a failing process ends a
     multi-process job (non-zero exit, its error shown) instead of leaving the others hanging.

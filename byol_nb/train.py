@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from byol_nb.callbacks import FailureInjection, ThroughputMonitor
+from byol_nb.callbacks import FailureInjection, MonitorInterval, ThroughputMonitor
 from byol_nb.checkpoint import AtomicCheckpointIO, CheckpointError, check_resume, save_backbone
 from byol_nb.data import DataError, SSLDataModule
 from byol_nb.distributed import ForkAfterCudaError, check_fork_safe, resolve_topology
@@ -101,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/byol", help="output folder")
     run.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     run.add_argument("--knn-every-n-epochs", type=int, default=5,
-                     help="epochs between kNN monitor passes (at most the run's length, so that a short run "
-                          "is monitored too); each pass embeds the whole labeled split, about 15%% of an epoch "
-                          "on the built-in data")
+                     help="epochs between kNN monitor passes (at most the run's number of full epochs, so "
+                          "that a short run is monitored too); each pass embeds the whole labeled split, "
+                          "about 15%% of an epoch on the built-in data")
     run.add_argument("--save-every-n-steps", type=int, default=200,
                      help="write OUT/last.ckpt every N optimizer steps (also at the end, and on SIGTERM/SIGUSR1)")
     run.add_argument("--log-every-n-steps", type=int, default=10, help="steps between rows of logs/metrics.csv")
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     resume_step = _check_resume(resume_from, config, module) if resume_from is not None else None
     throughput = ThroughputMonitor()
     last = LastCheckpoint(out / "last.ckpt", args.save_every_n_steps)
-    callbacks: list[pl.Callback] = [throughput, last]
+    callbacks: list[pl.Callback] = [throughput, last, MonitorInterval(args.knn_every_n_epochs)]
     if datamodule.spec.val is not None:
         callbacks.append(ModelCheckpoint(dirpath=out, filename="best", monitor="knn_top1", mode="max",
                                          enable_version_counter=False))
@@ -252,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=callbacks, enable_checkpointing=datamodule.spec.val is not None, plugins=[AtomicCheckpointIO()],
         logger=ResumableCSVLogger(out, name="logs", version="", resume_step=resume_step, flush_logs_every_n_steps=1),
         log_every_n_steps=args.log_every_n_steps,
-        check_val_every_n_epoch=min(args.knn_every_n_epochs, args.max_epochs or args.knn_every_n_epochs),
         enable_progress_bar=not args.no_progress, enable_model_summary=False, deterministic=False,
         num_sanity_val_steps=0)
     started = time.perf_counter()

@@ -44,7 +44,10 @@ def cifar_subset() -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cpp_compiler`` (torch.compile on the CPU) skip where no C++ compiler is found."""
+    """Tests marked ``cpp_compiler`` (torch.compile on the CPU) run last, and skip where no C++
+    compiler is found. Last, because once a process has compiled something and then run a
+    backward pass, autograd refuses to run in children it forks, which the DDP tests do."""
+    items.sort(key=lambda item: "cpp_compiler" in item.keywords)  # stable: the rest keep their order
     try:
         check_compiler()
     except RuntimeError as error:
