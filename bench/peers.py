@@ -119,18 +119,20 @@ def train_byol_nb(setup: Setup, compiled: bool = False, paired: bool = False) ->
             self.clock.tick()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+            if not (paired and batch_idx % PAIR_BLOCK == PAIR_BLOCK - 1):
+                self.block_s.append(0.0)
+                return
             block = Clock()
             block.tick()
-            if paired and batch_idx % PAIR_BLOCK == PAIR_BLOCK - 1:
-                for _ in range(PAIR_BLOCK):
-                    ideal = Clock()
-                    ideal.tick()
-                    model_step(pl_module.nets, both, bf16)
-                    ideal.tick()
-                    self.ideal_s.append(ideal.stamps[1] - ideal.stamps[0])
-                pl_module.nets.zero_grad(set_to_none=True)
+            for _ in range(PAIR_BLOCK):
+                ideal = Clock()
+                ideal.tick()
+                model_step(pl_module.nets, both, bf16)
+                ideal.tick()
+                self.ideal_s.append(ideal.stamps[1] - ideal.stamps[0])
+            pl_module.nets.zero_grad(set_to_none=True)
             block.tick()
-            self.block_s.append(block.stamps[1] - block.stamps[0] if paired and batch_idx % PAIR_BLOCK == PAIR_BLOCK - 1 else 0.0)
+            self.block_s.append(block.stamps[1] - block.stamps[0])
 
         def on_train_end(self, trainer, pl_module) -> None:
             self.clock.tick()

@@ -272,7 +272,7 @@ class TwoViewAugment(nn.Module):
     """
 
     def __init__(self, config: AugmentConfig, compiled: bool = False) -> None:
-        """``compiled`` runs the colour steps through torch.compile (``ColourSteps.compiled``): the
+        """``compiled`` runs the colour steps through torch.compile (:func:`compiled_steps`): the
         same views from the same seed, faster after a one-time compilation (``--compile``)."""
         super().__init__()
         self.config = config
