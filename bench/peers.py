@@ -104,7 +104,6 @@ def train_byol_nb(setup: Setup, compiled: bool = False, paired: bool = False) ->
     see :func:`paired_ratio`."""
     import pytorch_lightning as pl
 
-    from byol_nb.augment import AugmentConfig, TwoViewAugment
     from byol_nb.data import TensorImages
     from byol_nb.module import BYOLModule, TrainConfig
     from byol_nb.train import resolve_precision
@@ -145,9 +144,8 @@ def train_byol_nb(setup: Setup, compiled: bool = False, paired: bool = False) ->
     dataset = TensorImages(hwc, [-1] * len(hwc), setup.size, classes=[])
     precision = resolve_precision(setup.precision, "auto")
     bf16 = precision == "bf16-mixed"
-    if paired:  # the ideal step's fixed views
-        view1, view2 = TwoViewAugment(AugmentConfig(setup.size))(dataset.pixels[: setup.batch], seed=setup.seed)
-        both = torch.cat([view1.images, view2.images]).to(setup.device).contiguous(memory_format=torch.channels_last)
+    if paired:
+        both = fixed_views(setup, dataset.pixels[: setup.batch])
     clock = StepClock()
     trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=setup.steps, logger=False, precision=precision,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -298,10 +296,18 @@ def model_step(nets: "BYOLNetworks", both: Tensor, bf16: bool) -> None:  # noqa:
     loss.backward()
 
 
+def fixed_views(setup: Setup, images: Tensor) -> Tensor:
+    """The ideal step's input: both views of ``images`` (uint8), augmented once, stacked on the
+    batch, channels_last on the run's device, as byol_nb's step feeds its networks."""
+    from byol_nb.augment import AugmentConfig, TwoViewAugment
+
+    view1, view2 = TwoViewAugment(AugmentConfig(setup.size)).to(setup.device)(images.to(setup.device), seed=setup.seed)
+    return torch.cat([view1.images, view2.images]).contiguous(memory_format=torch.channels_last)
+
+
 def ideal_step(setup: Setup) -> Trained:
     """byol_nb's networks and loss on fixed, already augmented views: no data, no augmentation, no
     optimizer, no EMA, no Lightning. Memory format and precision are those of byol_nb's step."""
-    from byol_nb.augment import AugmentConfig, TwoViewAugment
     from byol_nb.module import BYOLModule, TrainConfig
     from byol_nb.train import resolve_precision
 
@@ -309,9 +315,7 @@ def ideal_step(setup: Setup) -> Trained:
     device = setup.device
     # The module's own networks, so the ideal follows whatever layout byol_nb trains with.
     nets = BYOLModule(TrainConfig(image_size=setup.size, proj_hidden=HIDDEN, proj_dim=OUT)).nets.to(device)
-    images = setup.pixels[: setup.batch].to(device)
-    view1, view2 = TwoViewAugment(AugmentConfig(setup.size)).to(device)(images, seed=setup.seed)
-    both = torch.cat([view1.images, view2.images]).contiguous(memory_format=torch.channels_last)
+    both = fixed_views(setup, setup.pixels[: setup.batch])
     bf16 = resolve_precision(setup.precision, "auto") == "bf16-mixed"
     clock = Clock()
     for _ in range(setup.steps):
