@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, field, replace
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Added to a step's seed for its local (multi-crop) views: a stream apart from the two main views'.
+LOCAL_SEED_OFFSET = 7_777_777
+T = TypeVar("T")
 
 
 class View(NamedTuple):
@@ -65,6 +68,10 @@ class AugmentConfig:
     grayscale_p: float = 0.2
     views: tuple[ViewRecipe, ViewRecipe] = field(
         default=(ViewRecipe(blur_p=1.0, solarize_p=0.0), ViewRecipe(blur_p=0.1, solarize_p=0.2)))
+    # Multi-crop (Caron et al. 2020): extra small views of small crops, coloured like the second view.
+    local_views: int = 0
+    local_size: int = 16
+    local_crop_scale: tuple[float, float] = (0.05, 0.35)
 
     @property
     def blur_sigma(self) -> tuple[float, float]:
@@ -285,31 +292,51 @@ class TwoViewAugment(nn.Module):
         c, steps = self.config, compiled_steps() if self.compiled else EAGER_STEPS
         images = colour_jitter(images, c.jitter, c.jitter_p, steps)
         images = random_grayscale(images, c.grayscale_p, steps)
-        images = random_blur(images, c.blur_kernel, c.blur_sigma, recipe.blur_p)
+        blur = c if images.shape[-1] == c.image_size else replace(c, image_size=images.shape[-1])  # local views
+        images = random_blur(images, blur.blur_kernel, blur.blur_sigma, recipe.blur_p)
         return random_solarize(images, recipe.solarize_p, steps)
 
-    def view(self, images: Tensor, index: int) -> View:
-        """One view of a float batch in [0, 1], drawn with recipe ``index`` (0 or 1)."""
+    def view(self, images: Tensor, index: int, local: bool = False) -> View:
+        """One view of a float batch in [0, 1], coloured with recipe ``index`` (0 or 1); ``local``:
+        a multi-crop view (a smaller crop at ``local_size``)."""
         c = self.config
         batch = images.shape[0]
-        boxes = sample_crop_boxes(batch, c.crop_scale, c.crop_ratio, images.device)
+        scale, size = (c.local_crop_scale, c.local_size) if local else (c.crop_scale, c.image_size)
+        boxes = sample_crop_boxes(batch, scale, c.crop_ratio, images.device)
         flips = torch.rand(batch, device=images.device) < c.flip_p
-        out = resized_crop(images, boxes, flips, c.image_size)
+        out = resized_crop(images, boxes, flips, size)
         out = self.recolour(out.clamp_(0, 1), c.views[index])
         return View((out - self.mean) / self.std, boxes, flips)
 
     @torch.no_grad()
     def forward(self, images: Tensor, seed: int | None = None) -> tuple[View, View]:
         """Two views of ``images`` (uint8, or float in [0, 1]), in float32 even inside autocast."""
+        return self._draw(images, seed, lambda batch: (self.view(batch, 0), self.view(batch, 1)))
+
+    @torch.no_grad()
+    def local_views(self, images: Tensor, seed: int | None = None) -> list[View]:
+        """``config.local_views`` multi-crop views of ``images``, coloured like the second view
+        (the blur scaled to their size).
+
+        They draw from their own random stream (seeded with ``seed + LOCAL_SEED_OFFSET``), so
+        turning them on leaves the two main views of a seed as they were.
+        """
+        seed = None if seed is None else seed + LOCAL_SEED_OFFSET
+        return self._draw(images, seed, lambda batch: [self.view(batch, 1, local=True)
+                                                       for _ in range(self.config.local_views)])
+
+    def _draw(self, images: Tensor, seed: int | None, draw: Callable[[Tensor], T]) -> T:
+        """``draw`` on ``images`` as floats in [0, 1], outside autocast, with its own seeded random
+        stream when ``seed`` is given (the global random state is left untouched)."""
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
         device = images.device.type
         with torch.autocast(device, enabled=False):
             if seed is None:
-                return self.view(images, 0), self.view(images, 1)
+                return draw(images)
             with torch.random.fork_rng(devices=[images.device] if device == "cuda" else [], device_type=device):
                 torch.manual_seed(seed)
-                return self.view(images, 0), self.view(images, 1)
+                return draw(images)
 
 
 def normalize(images: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,6 +30,20 @@ def symmetric_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tenso
     gather: DDP's gradient averaging already gives the global-batch mean.
     """
     return (byol_loss(p1, z2) + byol_loss(p2, z1)).mean()
+
+
+def multi_crop_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, local: Sequence[Tensor]) -> Tensor:
+    """BYOL's loss with multi-crop views: each local view's prediction also predicts both main
+    views' target projections (the target sees only the main views, as in DINO and SwAV).
+
+    Every (prediction, target) pair weighs the same, and the sum is divided by ``1 + len(local)``
+    (the main pair counts once, each local view once): with no local views this is
+    :func:`symmetric_byol_loss` exactly, and with them the loss keeps its scale.
+    """
+    total = byol_loss(p1, z2) + byol_loss(p2, z1)
+    for prediction in local:
+        total = total + byol_loss(prediction, z1) + byol_loss(prediction, z2)
+    return total.mean() / (1 + len(local))
 
 
 # ---- PixPro: pixel-level losses -----------------------------------------------------------------

@@ -28,7 +28,7 @@ from byol_nb.ema import cosine_momentum, ema_update_
 from byol_nb.evaluate import knn_top1
 from byol_nb.augment import View
 from byol_nb.distributed import convert_sync_batchnorm, gather_with_grad
-from byol_nb.losses import (positive_pixel_mask, symmetric_byol_loss, symmetric_pixel_contrast_loss,
+from byol_nb.losses import (multi_crop_byol_loss, positive_pixel_mask, symmetric_pixel_contrast_loss,
                             symmetric_pixpro_loss)
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.optim import build_optimizer, warmup_cosine
@@ -36,6 +36,8 @@ from byol_nb.optim import build_optimizer, warmup_cosine
 PIXEL_METHODS = ("pixpro", "pixcontrast")
 METHODS = ("byol",) + PIXEL_METHODS
 PIXEL_CONTRAST_TEMPERATURE = 0.3
+# Local (multi-crop) views cut crops of 5% of the image up to the main views' smallest, as DINO does.
+LOCAL_MIN_SCALE = 0.05
 
 
 @dataclass
@@ -62,6 +64,8 @@ class TrainConfig:
     tau_base: float = 0.99  # paper: 0.996 (for 300+ epochs)
     proj_hidden: int = 1024  # paper: 4096
     proj_dim: int = 256
+    local_views: int = 0  # multi-crop: extra small views per image (byol only)
+    local_size: int | None = None  # their side in pixels; None: half of image_size
     seed: int = 0
     sync_bn: bool = True  # BatchNorm statistics over all processes (byol_nb.distributed)
     # Pixel methods only. PixPro's paper pretrains without the instance branch (weight 0) for
@@ -73,6 +77,10 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+    @property
+    def local_view_size(self) -> int:
+        return self.local_size or self.image_size // 2
 
     @property
     def pixel(self) -> bool:
@@ -91,6 +99,17 @@ def check_config(config: TrainConfig) -> None:
                          f"colour wheel), got {' '.join(str(v) for v in config.jitter)}")
     if not 0 <= config.grayscale_p <= 1:
         raise ValueError(f"--grayscale-p is a probability, in [0, 1], got {config.grayscale_p}")
+    if config.local_views < 0:
+        raise ValueError(f"--local-views must be 0 or more, got {config.local_views}")
+    if config.local_views and config.pixel:
+        raise ValueError(f"--local-views is for --method byol (the pixel losses pair the two main views only); "
+                         f"use --local-views 0 with --method {config.method}")
+    if config.local_views and not 8 <= config.local_view_size <= config.image_size:
+        raise ValueError(f"--local-size must be between 8 and --image-size ({config.image_size}), "
+                         f"got {config.local_view_size}")
+    if config.local_views and config.crop_min_scale <= LOCAL_MIN_SCALE:
+        raise ValueError(f"local views crop between {LOCAL_MIN_SCALE} and --crop-min-scale of the image, so with "
+                         f"--local-views --crop-min-scale must be above {LOCAL_MIN_SCALE}, got {config.crop_min_scale}")
     if not config.pixel:
         return
     side = Backbone.feature_side(config.image_size, config.small_stem)
@@ -126,7 +145,9 @@ class BYOLModule(pl.LightningModule):
             self.nets.online.projector.requires_grad_(False)
             self.nets.predictor.requires_grad_(False)
         self.augment = TwoViewAugment(AugmentConfig(config.image_size, crop_scale=(config.crop_min_scale, 1.0),
-                                                    jitter=tuple(config.jitter), grayscale_p=config.grayscale_p),
+                                                    jitter=tuple(config.jitter), grayscale_p=config.grayscale_p,
+                                                    local_views=config.local_views, local_size=config.local_view_size,
+                                                    local_crop_scale=(LOCAL_MIN_SCALE, config.crop_min_scale)),
                                       compiled=compiled)
         self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
@@ -163,7 +184,7 @@ class BYOLModule(pl.LightningModule):
                 self.log("train/instance_loss", instance)
                 loss = loss + self.config.instance_weight * instance
         else:
-            loss = self.instance_loss(projection, target)
+            loss = self.instance_loss(projection, target, self.local_projections(images))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the loss became {loss.item()} at global step {self.global_step}: lower --lr, "
@@ -174,11 +195,25 @@ class BYOLModule(pl.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
-    def instance_loss(self, projection: Tensor, target: Tensor) -> Tensor:
-        """BYOL's symmetric loss between the two views' pooled projections (both views stacked)."""
+    def instance_loss(self, projection: Tensor, target: Tensor, local: Tensor | None = None) -> Tensor:
+        """BYOL's symmetric loss between the two views' pooled projections (both views stacked),
+        plus the local views' predictions of both targets when ``local`` (their projections, stacked)."""
         p1, p2 = self.nets.predictor(projection).chunk(2)
         z1, z2 = target.chunk(2)
-        return symmetric_byol_loss(p1, p2, z1, z2)
+        local_predictions = () if local is None else self.nets.predictor(local).chunk(self.config.local_views)
+        return multi_crop_byol_loss(p1, p2, z1, z2, local_predictions)
+
+    def local_projections(self, images: Tensor) -> Tensor | None:
+        """The online projections of this step's local (multi-crop) views, stacked; None without them.
+
+        They take their own forward pass (a smaller size than the main views), so BatchNorm sees them
+        as their own batch; only the online network sees them.
+        """
+        if not self.config.local_views:
+            return None
+        views = self.augment.local_views(images, seed=self.augment_seed())
+        stacked = torch.cat([view.images for view in views]).contiguous(memory_format=torch.channels_last)
+        return self.nets.online(stacked)[1]
 
     def pixel_loss(self, fmap: Tensor, target_fmap: Tensor, view1: View, view2: View) -> Tensor:
         """PixPro's or pixel contrast's loss on the feature maps of both views (stacked on the batch).

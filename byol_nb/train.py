@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (online)")
     model.add_argument("--proj-hidden", type=int, default=d.proj_hidden)
     model.add_argument("--proj-dim", type=int, default=d.proj_dim)
+    model.add_argument("--local-views", type=int, default=d.local_views,
+                       help="multi-crop (--method byol): extra small views per image, each predicting both main "
+                            "views' targets; on the built-in data 2 add 1-4 kNN points at equal steps for ~1.34x "
+                            "the step time (BENCHMARKS.md)")
+    model.add_argument("--local-size", type=int, default=d.local_size,
+                       help="side of the local views in pixels (default: half of --image-size)")
     model.add_argument("--instance-weight", type=float, default=d.instance_weight,
                        help="pixel methods: weight of the instance (BYOL) loss on pooled features; 0 for pixel-only")
     model.add_argument("--pixel-threshold", type=float, default=d.pixel_threshold,

@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from byol_nb.augment import AugmentConfig, TwoViewAugment, resized_crop, sample_crop_boxes
 from byol_nb.ema import cosine_momentum, ema_update_
-from byol_nb.losses import byol_loss, symmetric_byol_loss
+from byol_nb.losses import byol_loss, multi_crop_byol_loss, symmetric_byol_loss
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.module import BYOLModule, TrainConfig
 from byol_nb.optim import LARS, build_optimizer, warmup_cosine
@@ -39,6 +41,19 @@ def test_symmetric_loss_sums_both_directions_trap5():
     torch.testing.assert_close(loss, one_way + other_way)
     # an averaging implementation would give half of this: the gradient would be halved too
     assert not torch.isclose(loss, (one_way + other_way) / 2)
+
+
+def test_multi_crop_loss_weighs_every_pair_alike_and_is_byol_without_local_views():
+    torch.manual_seed(0)
+    p1, p2, z1, z2, q1, q2 = (torch.randn(4, 8) for _ in range(6))
+    torch.testing.assert_close(multi_crop_byol_loss(p1, p2, z1, z2, ()), symmetric_byol_loss(p1, p2, z1, z2))
+
+    def term(p, z):
+        return (2 - 2 * F.cosine_similarity(p, z)).mean()
+
+    # two local views: each predicts both main views' targets; 6 pairs over 1 + 2 online views
+    expected = (term(p1, z2) + term(p2, z1) + term(q1, z1) + term(q1, z2) + term(q2, z1) + term(q2, z2)) / 3
+    torch.testing.assert_close(multi_crop_byol_loss(p1, p2, z1, z2, (q1, q2)), expected)
 
 
 def test_loss_of_bf16_heads_is_computed_in_float32():
@@ -260,6 +275,35 @@ def test_two_views_use_their_own_recipes_and_seed_is_reproducible():
     torch.testing.assert_close(a1.images, b1.images)
     assert not torch.equal(a1.images, c1.images)
     assert not torch.equal(a1.boxes, a2.boxes)
+
+
+def test_local_views_are_small_per_sample_reproducible_and_leave_the_main_views_alone():
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    plain = TwoViewAugment(AugmentConfig(16))
+    multi = TwoViewAugment(AugmentConfig(16, local_views=3, local_size=8, local_crop_scale=(0.05, 0.3)))
+    for a, b in zip(plain(images, seed=5), multi(images, seed=5)):
+        torch.testing.assert_close(a.images, b.images)
+    local = multi.local_views(images, seed=5)
+    assert len(local) == 3 and all(v.images.shape == (8, 3, 8, 8) for v in local)
+    areas = torch.cat([(v.boxes[:, 2] - v.boxes[:, 0]) * (v.boxes[:, 3] - v.boxes[:, 1]) for v in local])
+    assert areas.min() >= 0.05 - 1e-6 and areas.max() <= 0.3 + 1e-6
+    assert len({tuple(b.tolist()) for v in local for b in v.boxes}) == 24, "one box per sample and view"
+    again = multi.local_views(images, seed=5)
+    for a, b in zip(local, again):
+        torch.testing.assert_close(a.images, b.images)
+    assert not torch.equal(local[0].images, multi.local_views(images, seed=6)[0].images)
+
+
+def test_training_step_feeds_local_views_to_the_online_network_only():
+    module = BYOLModule(TrainConfig(image_size=16, proj_hidden=32, proj_dim=16, local_views=2, local_size=8))
+    sizes: dict[str, list] = {"online": [], "target": []}
+    for name in sizes:
+        getattr(module.nets, name).register_forward_hook(
+            lambda _, inputs, __, name=name: sizes[name].append(tuple(inputs[0].shape)))
+    images = TensorDataset(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+    pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(module, DataLoader(images, batch_size=4))
+    assert sizes == {"online": [(8, 3, 16, 16), (8, 3, 8, 8)], "target": [(8, 3, 16, 16)]}
 
 
 def coordinate_image(size: int) -> torch.Tensor:

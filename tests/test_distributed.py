@@ -233,7 +233,9 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 def train_flags(shapes: Path, out: Path, steps: int = 3) -> list[str]:
     return ["--data", str(shapes / "train"), "--val-data", str(shapes / "test"), "--max-steps", str(steps),
-            "--proj-hidden", "64", "--batch-size", "8", "--accelerator", "cpu", "--no-progress", "--out", str(out)]
+            "--proj-hidden", "64", "--batch-size", "8", "--accelerator", "cpu",
+            "--local-views", "1",  # a second online forward per step, with SyncBN across the processes
+            "--no-progress", "--out", str(out)]
 
 
 def run_env(**extra: str) -> dict[str, str]:

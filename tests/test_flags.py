@@ -39,6 +39,10 @@ def _stop(tmp_path, *flags: str) -> str:
     (["--jitter", "-0.1", "0.4", "0.4", "0.1"], "--jitter strengths must be 0 or more"),
     (["--grayscale-p", "1.5"], "--grayscale-p is a probability"),
     (["--method", "pixpro", "--image-size", "32"], "needs a feature map of at least 2x2 cells"),
+    (["--local-views", "-1"], "--local-views must be 0 or more, got -1"),
+    (["--local-views", "2", "--local-size", "40"], "--local-size must be between 8 and --image-size (32), got 40"),
+    (["--local-views", "2", "--crop-min-scale", "0.05"], "--crop-min-scale must be above 0.05"),
+    (["--method", "pixpro", "--image-size", "64", "--local-views", "2"], "--local-views is for --method byol"),
 ])
 def test_bad_value_gets_its_message(tmp_path, flags, expected):
     assert expected in _stop(tmp_path, *flags)

@@ -29,7 +29,9 @@ from byol_nb.data import ResumableSampler, SSLDataModule
 from byol_nb.ema import cosine_momentum
 
 MAX_STEPS = 12  # 48 images / batch 8 = 6 steps per epoch: the run crosses an epoch boundary
+# with a local (multi-crop) view: its random draws must replay on resume too
 FLAGS = ["--image-size", "16", "--batch-size", "8", "--proj-hidden", "64", "--proj-dim", "32", "--seed", "3",
+         "--local-views", "1",
          "--accelerator", "cpu", "--no-progress", "--max-steps", str(MAX_STEPS), "--save-every-n-steps", "2",
          "--log-every-n-steps", "1"]
 

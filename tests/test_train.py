@@ -21,7 +21,7 @@ TINY = ["--image-size", "32", "--batch-size", "16", "--proj-hidden", "64", "--no
 def trained_run(tiny_shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     code = train.main(["--data", str(tiny_shapes / "train"), "--val-data", str(tiny_shapes / "test"),
-                       "--max-steps", "4", "--out", str(out), "--accelerator", "cpu", *TINY])
+                       "--max-steps", "4", "--out", str(out), "--accelerator", "cpu", "--local-views", "2", *TINY])
     assert code == 0
     return out
 
