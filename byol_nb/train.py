@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--proj-dim", type=int, default=d.proj_dim)
     model.add_argument("--local-views", type=int, default=d.local_views,
                        help="multi-crop (--method byol): extra small views per image, each predicting both main "
-                            "views' targets; on the built-in data 2 add 1-4 kNN points at equal steps for ~1.34x "
+                            "views' targets; on the built-in data 2 add 1-4 kNN points at equal steps for 1.3-1.5x "
                             "the step time (BENCHMARKS.md)")
     model.add_argument("--local-size", type=int, default=d.local_size,
                        help="side of the local views in pixels (default: half of --image-size)")
