@@ -166,7 +166,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def validate_args(args: argparse.Namespace) -> None:
     """Stop before any work with one clear line for values that cannot work."""
     for flag in ("batch_size", "max_epochs", "max_steps", "save_every_n_steps", "num_nodes", "proj_hidden",
-                 "proj_dim", "log_every_n_steps", "knn_every_n_epochs"):
+                 "proj_dim", "log_every_n_steps", "knn_every_n_epochs", "local_size"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive, got {value}")

@@ -40,6 +40,7 @@ def _stop(tmp_path, *flags: str) -> str:
     (["--grayscale-p", "1.5"], "--grayscale-p is a probability"),
     (["--method", "pixpro", "--image-size", "32"], "needs a feature map of at least 2x2 cells"),
     (["--local-views", "-1"], "--local-views must be 0 or more, got -1"),
+    (["--local-views", "2", "--local-size", "0"], "--local-size must be positive, got 0"),
     (["--local-views", "2", "--local-size", "40"], "--local-size must be between 8 and --image-size (32), got 40"),
     (["--local-views", "2", "--crop-min-scale", "0.05"], "--crop-min-scale must be above 0.05"),
     (["--method", "pixpro", "--image-size", "64", "--local-views", "2"], "--local-views is for --method byol"),
