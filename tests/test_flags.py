@@ -108,16 +108,27 @@ def test_batch_larger_than_each_process_share_of_the_data(tiny_shapes):
         datamodule.setup("fit")
 
 
+SHAPES = train.DATA_DEFAULTS["shapes"]
+PLAIN = train.TrainConfig()
+
+
 @pytest.mark.parametrize("flags, expected", [
-    (["--data", "shapes"], dict(jitter=train.DATA_DEFAULTS["shapes"]["jitter"], max_epochs=train.DEFAULT_EPOCHS)),
-    (["--data", "some/photos"], dict(jitter=train.TrainConfig().jitter, max_epochs=train.DEFAULT_EPOCHS)),
+    (["--data", "shapes"], dict(jitter=SHAPES["jitter"], local_views=SHAPES["local_views"], tau_base=SHAPES["tau_base"],
+                                weight_decay=SHAPES["weight_decay"], max_epochs=SHAPES["max_epochs"])),
+    (["--data", "some/photos"], dict(jitter=PLAIN.jitter, local_views=PLAIN.local_views, tau_base=PLAIN.tau_base,
+                                     weight_decay=PLAIN.weight_decay, max_epochs=train.DEFAULT_EPOCHS)),
     (["--data", "shapes", "--jitter", "0.1", "0.2", "0.3", "0.4"], dict(jitter=(0.1, 0.2, 0.3, 0.4))),
+    (["--data", "shapes", "--local-views", "0", "--tau-base", "0.9", "--weight-decay", "0"],
+     dict(local_views=0, tau_base=0.9, weight_decay=0.0, jitter=SHAPES["jitter"])),
     (["--data", "shapes", "--max-steps", "7"], dict(max_epochs=None, max_steps=7)),
+    # the pixel losses pair the two main views only: no preset local views for them
+    (["--data", "shapes", "--method", "pixpro", "--small-stem"], dict(local_views=0, tau_base=SHAPES["tau_base"])),
 ])
 def test_defaults_depend_on_the_data_and_a_given_flag_wins(flags, expected):
     args = train.build_parser().parse_args(flags)
     train.apply_data_defaults(args)
     for name, value in expected.items():
         assert getattr(args, name) == (tuple(value) if name == "jitter" else value), name
+    train.check_config(train.config_from_args(args))
     assert isinstance(train.config_from_args(args).jitter, tuple)
-    assert train.DATA_DEFAULTS["shapes"]["jitter"] != train.TrainConfig().jitter
+    assert all(SHAPES[name] != getattr(PLAIN, name) for name in ("jitter", "local_views", "tau_base", "weight_decay"))
