@@ -31,9 +31,9 @@ _SUPERSAMPLE = 4  # draw large, then downsample: smooth edges without an anti-al
 # the image to all of it) zoom the shape by at most 1.7x and shift it by at most a fifth of the
 # view; with radii of 0.25-0.42 anywhere in the image, a BYOL backbone still encoded size and
 # position, and they kept two images of one class as far apart as the class kept two otherwise
-# alike (BENCHMARKS.md, "What the features encode"). Drawn as below, make train's recipe gained
-# +30.0 / +31.8 kNN points over random init (seeds 0 / 1) instead of +20.3 / +20.7; narrowing the
-# size alone gave +19.0, so the position is what mattered.
+# alike (BENCHMARKS.md, "What the features encode"). Drawn as below, the 50-epoch recipe of the
+# time gained +30.0 / +31.8 kNN points over random init (seeds 0 / 1, one thread) instead of
+# +20.3 / +20.7; narrowing the size alone gave +19.0, so the position is what mattered.
 RADIUS_RANGE = (0.3, 0.4)  # circumradius, as a fraction of the image side
 CENTRE_JITTER = 0.1  # the centre lies within this fraction of the side from the middle, both axes
 

@@ -135,6 +135,8 @@ def _strengths(values: tuple[float, ...]) -> str:
 #   40 epochs: +27.7 kNN points over random init (+28.2 in 50 epochs, 8 min 13 s), against +25.0
 #   in 6 min 45 s for 50 epochs without them (two threads, seed 0; a local view costs about 20%
 #   per step, which the shorter schedule pays for).
+# The TrainConfig fields a preset may set; their flags default to "left out" (argparse.SUPPRESS).
+PRESET_FLAGS = ("jitter", "local_views", "tau_base", "weight_decay")
 DATA_DEFAULTS: dict[str, dict[str, object]] = {
     "shapes": {"jitter": (0.4, 0.4, 0.4, 0.5), "local_views": 1, "tau_base": 0.98, "weight_decay": 1e-5,
                "max_epochs": 40},
@@ -148,7 +150,7 @@ def apply_data_defaults(args: argparse.Namespace) -> None:
     preset, defaults = dict(DATA_DEFAULTS.get(args.data, {})), TrainConfig()
     if args.method in PIXEL_METHODS:
         preset.pop("local_views", None)
-    for name in ("jitter", "local_views", "tau_base", "weight_decay"):
+    for name in PRESET_FLAGS:
         if getattr(args, name, None) is None:
             setattr(args, name, preset.get(name, getattr(defaults, name)))
     args.jitter = tuple(args.jitter)

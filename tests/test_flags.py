@@ -131,4 +131,4 @@ def test_defaults_depend_on_the_data_and_a_given_flag_wins(flags, expected):
         assert getattr(args, name) == (tuple(value) if name == "jitter" else value), name
     train.check_config(train.config_from_args(args))
     assert isinstance(train.config_from_args(args).jitter, tuple)
-    assert all(SHAPES[name] != getattr(PLAIN, name) for name in ("jitter", "local_views", "tau_base", "weight_decay"))
+    assert all(SHAPES[name] != getattr(PLAIN, name) for name in train.PRESET_FLAGS)
