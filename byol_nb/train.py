@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compile LARS's update and the augmentation's colour steps with torch.compile "
                          "(a C++ compiler on CPU): faster steps after ~30 s of compilation (BENCHMARKS.md)")
     hw.add_argument("--precision", default="auto",
-                    help="auto (bf16-mixed on GPUs that support it and on AMX CPUs, else 32), "
+                    help="auto (bf16-mixed on GPUs that support it and on CPUs with AMX or AVX512-BF16, else 32), "
                          "32, bf16-mixed, 16-mixed")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/byol", help="output folder")
@@ -169,16 +169,22 @@ DEFAULT_EPOCHS = 50
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto``: bf16-mixed on GPUs that support it and on CPUs with AMX matrix units, 32-true
-    otherwise. On the AMX CPU a ResNet-18 step is 1.6-2x faster in bf16 at 16-64 px, once the
-    convolutions on tiny maps run as matmuls (byol_nb.matmul_conv; BENCHMARKS.md)."""
+    """``auto``: bf16-mixed on GPUs that support it and on CPUs with bf16 instructions (AMX matrix
+    units or AVX512-BF16), 32-true otherwise. Once the convolutions on tiny maps run as matmuls
+    (byol_nb.matmul_conv), a ResNet-18 step is 1.6-2x faster in bf16 at 32-64 px on an AMX Xeon
+    and 1.6-2.0x on an AVX512-BF16 EPYC without AMX (BENCHMARKS.md)."""
     if precision != "auto":
         return precision
     gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     if gpu:
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16-mixed" if amx else "32-true"
+    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively: AMX tiles or AVX512-BF16 (torch's own checks)."""
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -132,3 +132,16 @@ def test_defaults_depend_on_the_data_and_a_given_flag_wins(flags, expected):
     train.check_config(train.config_from_args(args))
     assert isinstance(train.config_from_args(args).jitter, tuple)
     assert all(SHAPES[name] != getattr(PLAIN, name) for name in train.PRESET_FLAGS)
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [
+    (True, True, "bf16-mixed"), (False, True, "bf16-mixed"),  # Xeon with AMX; EPYC (Zen 4/5) without
+    (False, False, "32-true"),
+])
+def test_auto_precision_is_bf16_on_cpus_with_bf16_instructions(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert train.resolve_precision("auto", "auto") == expected
+    assert train.resolve_precision("auto", "cpu") == expected
+    assert train.resolve_precision("32", "cpu") == "32"  # a given precision is kept
