@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from byol_nb.augment import AugmentConfig, TwoViewAugment, normalize
-from byol_nb.ema import cosine_momentum, ema_update_
+from byol_nb.ema import cosine_momentum, ema_update_, target_pairs
 from byol_nb.evaluate import knn_top1
 from byol_nb.augment import View
 from byol_nb.distributed import convert_sync_batchnorm, gather_with_grad
 from byol_nb.losses import (multi_crop_byol_loss, positive_pixel_mask, symmetric_pixel_contrast_loss,
                             symmetric_pixpro_loss)
 from byol_nb.models import Backbone, BYOLNetworks
-from byol_nb.optim import build_optimizer, warmup_cosine
+from byol_nb.optim import LARS, build_optimizer, warmup_cosine
 
 PIXEL_METHODS = ("pixpro", "pixcontrast")
 METHODS = ("byol",) + PIXEL_METHODS
@@ -150,6 +150,7 @@ class BYOLModule(pl.LightningModule):
                                                     local_crop_scale=(LOCAL_MIN_SCALE, config.crop_min_scale)),
                                       compiled=compiled)
         self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._pairs: tuple[LARS, dict[Tensor, Tensor]] | None = None
 
     @property
     def backbone(self) -> Backbone:
@@ -190,10 +191,19 @@ class BYOLModule(pl.LightningModule):
                 f"the loss became {loss.item()} at global step {self.global_step}: lower --lr, "
                 f"or resume from the last checkpoint with --resume and a smaller learning rate")
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/collapse_std", self.collapse_std(gather_with_grad(projection.detach())))
-        self.log("train/tau", self.current_tau())
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self.logs_this_step():
+            self.log("train/collapse_std", self.collapse_std(gather_with_grad(projection.detach())))
+            self.log("train/tau", self.current_tau())
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def logs_this_step(self) -> bool:
+        """Whether the loggers get this step's values (every ``log_every_n_steps`` steps, the rule
+        Lightning applies when it writes them). The monitors are computed and logged only then:
+        ``collapse_std`` gathers every process's projections, and each ``self.log`` costs about a
+        third of a millisecond, 1% of a 32 px CPU step (BENCHMARKS.md)."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
 
     def instance_loss(self, projection: Tensor, target: Tensor, local: Tensor | None = None) -> Tensor:
         """BYOL's symmetric loss between the two views' pooled projections (both views stacked),
@@ -260,9 +270,24 @@ class BYOLModule(pl.LightningModule):
         networks of the same step, so a resumed run is exact. ``global_step`` is incremented only
         after this hook: the update that follows optimizer step k (from 0) uses tau_k.
         """
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        tau = cosine_momentum(self.global_step, self.total_steps(), self.config.tau_base)
-        ema_update_(self.nets.target, self.nets.online, tau)
+        tau = self.current_tau()
+        follow: dict[Tensor, Tensor] = {}
+        inner = getattr(optimizer, "optimizer", optimizer)  # Lightning passes its LightningOptimizer wrapper
+        if isinstance(inner, LARS):
+            # LARS moves each target weight right after its online weight (one read of the weights
+            # fewer: BENCHMARKS.md); ema_update_ then does the rest (BatchNorm buffers).
+            follow = self._target_pairs(inner)
+            optimizer.step(closure=optimizer_closure, follow=follow, follow_weight=1 - tau)
+        else:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        ema_update_(self.nets.target, self.nets.online, tau, skip=follow.values())
+
+    def _target_pairs(self, optimizer: LARS) -> dict[Tensor, Tensor]:
+        """:func:`byol_nb.ema.target_pairs` for ``optimizer``, built on its first step and kept (the
+        parameters stay the same objects for a whole fit; building the map costs 0.5 ms a step)."""
+        if self._pairs is None or self._pairs[0] is not optimizer:
+            self._pairs = (optimizer, target_pairs(self.nets.target, self.nets.online, optimizer))
+        return self._pairs[1]
 
     def configure_optimizers(self):
         world = self.trainer.world_size if self.trainer else 1

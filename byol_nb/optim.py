@@ -8,7 +8,7 @@ linear warmup, then cosine decay to zero.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,8 @@ class LARS(torch.optim.Optimizer):
         self._compiled_update = torch.compile(torch.no_grad()(lars_update_)) if compiled else None
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None, follow: Mapping[Tensor, Tensor] | None = None,  # type: ignore[override]
+             follow_weight: float = 0.0):
         """One update of every parameter with a gradient.
 
         The step is memory-bound (each pass over ResNet-18's weights moves 50 MB), so it makes as
@@ -43,19 +44,30 @@ class LARS(torch.optim.Optimizer):
         weight decay, momentum and the update in one pass per tensor, with the trust ratio folded
         into its gradient scale and weight decay: nine passes instead of fifteen (timings in
         BENCHMARKS.md). Like apex's LARC, ``p.grad`` may be rescaled in place.
+
+        ``follow`` maps parameters to tensors that trail them, BYOL's target network:
+        ``follow[p].lerp_(p, follow_weight)`` right after ``p``'s update, while the new weights are
+        still in cache, instead of in a pass of its own after the step (the EMA update, with
+        ``follow_weight = 1 - tau``). Every parameter of this optimizer that ``follow`` names is
+        followed, including those without a gradient this step.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        follow = follow or {}
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            _follow([(follow[p], p) for p in group["params"] if p.grad is None and p in follow], follow_weight)
             if not params:
                 continue
+            followers = [follow.get(p) for p in params]
             if self._compiled_update is not None:
+                device = params[0].device
                 self._compiled_update(params, [p.grad for p in params], self._momentum_buffers(params),
-                                      torch.tensor(group["lr"], device=params[0].device), group["momentum"],
-                                      group["weight_decay"], group["trust_coefficient"], group["lars"])
+                                      torch.tensor(group["lr"], device=device), group["momentum"],
+                                      group["weight_decay"], group["trust_coefficient"], group["lars"],
+                                      followers, torch.tensor(follow_weight, device=device))
                 continue
             buffers = self._momentum_buffers(params) if group["momentum"] else [None] * len(params)
             # 1-D views in each parameter's memory order: the fused kernel and the dot product are
@@ -66,12 +78,15 @@ class LARS(torch.optim.Optimizer):
             if not group["lars"]:
                 p, g, *b = (list(column) for column in zip(*flat))
                 torch._fused_sgd_(p, g, b[0] if b else [], weight_decay=group["weight_decay"], **sgd)
+                _follow([(f, p) for f, p in zip(followers, params) if f is not None], follow_weight)
                 continue
             trusts = self._trust_ratios([f[0] for f in flat], [f[1] for f in flat], group).tolist()
-            for (p, g, *b), trust in zip(flat, trusts):
+            for (p, g, *b), param, follower, trust in zip(flat, params, followers, trusts):
                 # fused SGD steps with g / grad_scale + weight_decay * w = trust * (g + wd w)
                 torch._fused_sgd_([p], [g], b, weight_decay=group["weight_decay"] * trust,
                                   grad_scale=torch.tensor(1 / trust, device=p.device), **sgd)
+                if follower is not None:
+                    follower.lerp_(param, follow_weight)
         return loss
 
     def _momentum_buffers(self, params: list[Tensor]) -> list[Tensor]:
@@ -102,11 +117,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def lars_update_(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], lr: Tensor, momentum: float,
-                 weight_decay: float, trust_coefficient: float, adapt: bool) -> None:
+                 weight_decay: float, trust_coefficient: float, adapt: bool,
+                 followers: list[Tensor | None] | None = None, follow_weight: Tensor | None = None) -> None:
     """One LARS (``adapt``) or plain momentum-SGD step, written tensor by tensor as the paper states
     it: ``d = g + wd w``, ``d *= eta ||w|| / ||d||`` (1 where a norm is 0), ``b = m b + d``,
-    ``w -= lr b``. This is the form ``torch.compile`` turns into two fused loops per tensor."""
-    for w, g, b in zip(params, grads, buffers):
+    ``w -= lr b``; then each follower ``f`` (None: none) moves to ``lerp(f, w, follow_weight)``.
+    This is the form ``torch.compile`` turns into two fused loops per tensor, the EMA included."""
+    for w, g, b, f in zip(params, grads, buffers, followers or [None] * len(params)):
         step = g + weight_decay * w
         if adapt:
             w_norm, step_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(step)
@@ -114,6 +131,14 @@ def lars_update_(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor
             step = step * torch.where(usable, trust_coefficient * w_norm / step_norm, torch.ones_like(w_norm))
         b.mul_(momentum).add_(step)
         w.sub_(lr * b)
+        if f is not None:
+            f.lerp_(w, follow_weight)
+
+
+def _follow(pairs: list[tuple[Tensor, Tensor]], weight: float) -> None:
+    """``follower.lerp_(param, weight)`` for every pair, in one fused call."""
+    if pairs:
+        torch._foreach_lerp_([f for f, _ in pairs], [p for _, p in pairs], weight)
 
 
 def check_compiler() -> None:

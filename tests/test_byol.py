@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -104,6 +105,26 @@ def test_ema_update_formula_for_parameters_and_bn_buffers_trap7():
             torch.testing.assert_close(value, tau * before[key] + (1 - tau) * online[key], msg=key)
     bn_mean = "backbone.body.1.running_mean"
     assert not torch.equal(after[bn_mean], before[bn_mean]), "target BN statistics were not updated"
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "sgd"])
+def test_a_training_step_moves_the_target_by_the_ema_formula_trap7(optimizer):
+    """Whether LARS carries the EMA inside its update (``follow``) or ema_update_ does all of it
+    (other optimizers), one Lightning step leaves target = tau target + (1 - tau) online for every
+    parameter and BatchNorm buffer, with tau from the schedule, and the predictor has no copy."""
+    module = BYOLModule(TrainConfig(image_size=16, proj_hidden=32, proj_dim=16, optimizer=optimizer, tau_base=0.9))
+    with torch.no_grad():  # a target that differs from the online network, as after some steps
+        for p in module.nets.target.parameters():
+            p.add_(torch.randn_like(p))
+    before = {k: v.clone() for k, v in module.nets.target.state_dict().items()}
+    images = TensorDataset(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(module, DataLoader(images, batch_size=8))
+    online, after = module.nets.online.state_dict(), module.nets.target.state_dict()
+    for key, value in after.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.9 * before[key] + 0.1 * online[key], msg=key)
+    assert not torch.equal(after["backbone.body.0.weight"], before["backbone.body.0.weight"])
 
 
 def test_target_changes_only_through_the_ema_trap1():
@@ -221,6 +242,48 @@ def test_lars_matches_the_per_tensor_formula_over_several_steps(compiled):
 
 
 @pytest.mark.parametrize("compiled", COMPILED, ids=["eager", "compiled"])
+def test_lars_with_followers_equals_the_step_then_the_ema(compiled):
+    """LARS.step(follow=...) carries the EMA inside the update: the result is the plain step followed
+    by ``lerp(follower, param, weight)`` for every followed parameter, in both groups, for a
+    parameter without a gradient (its follower still moves), channels_last ones included; an
+    unfollowed parameter's step is unchanged. The weight changes every step, as tau does."""
+    torch.manual_seed(0)
+
+    def parameters() -> list[nn.Parameter]:
+        return [nn.Parameter(torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last)),
+                nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(4))]
+
+    fused, plain = parameters(), [nn.Parameter(p.detach().clone()) for p in parameters()]
+    for f, p in zip(fused, plain):
+        with torch.no_grad():
+            p.copy_(f)
+    followers = [torch.randn_like(p) for p in fused[:2]] + [None, torch.randn(4)]
+    expected = [None if f is None else f.clone() for f in followers]
+
+    def optimizer(params):
+        return LARS([dict(params=params[:3]), dict(params=params[3:], lars=False, weight_decay=0.0)], lr=0.5,
+                    weight_decay=0.1, trust_coefficient=0.02, compiled=compiled)
+
+    fused_opt, plain_opt = optimizer(fused), optimizer(plain)
+    follow = {p: f for p, f in zip(fused, followers) if f is not None}
+    for weight in (0.3, 0.1):
+        grads = [torch.randn_like(p) for p in fused]
+        for f, p, g in zip(fused, plain, grads):
+            f.grad, p.grad = g.clone(), g.clone()
+        fused[1].grad = plain[1].grad = None  # no gradient this step: not updated, but followed
+        fused_opt.step(follow=follow, follow_weight=weight)
+        plain_opt.step()
+        for i, p in enumerate(plain):
+            if expected[i] is not None:
+                expected[i].lerp_(p.detach(), weight)
+    for f, p in zip(fused, plain):
+        torch.testing.assert_close(f.detach(), p.detach())
+    for got, want in zip(followers, expected):
+        if want is not None:
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("compiled", COMPILED, ids=["eager", "compiled"])
 def test_lars_updates_channels_last_weights_like_contiguous_ones(compiled):
     """LARS steps through 1-D views in memory order; on channels_last weights (and on a momentum
     buffer restored in another layout) the update must still land, element for element."""
@@ -304,6 +367,26 @@ def test_training_step_feeds_local_views_to_the_online_network_only():
     pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False).fit(module, DataLoader(images, batch_size=4))
     assert sizes == {"online": [(8, 3, 16, 16), (8, 3, 8, 8)], "target": [(8, 3, 16, 16)]}
+
+
+def test_monitors_are_computed_and_logged_only_on_the_steps_the_loggers_write(tmp_path, monkeypatch):
+    """collapse_std (which gathers across processes), tau and lr: every log_every_n_steps steps, on
+    exactly the steps Lightning writes to metrics.csv; the loss every step."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    computed = []
+    collapse_std = BYOLModule.collapse_std
+    monkeypatch.setattr(BYOLModule, "collapse_std", staticmethod(lambda z: (computed.append(1), collapse_std(z))[1]))
+    module = BYOLModule(TrainConfig(image_size=16, proj_hidden=32, proj_dim=16))
+    images = TensorDataset(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    pl.Trainer(max_steps=6, accelerator="cpu", logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=3,
+               enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(module, DataLoader(images, batch_size=4))
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(r["step"]) for r in rows] == [2, 5]
+    assert all(r["train/collapse_std"] and r["train/tau"] and r["train/lr"] and r["train/loss"] for r in rows)
+    assert len(computed) == 2
 
 
 def coordinate_image(size: int) -> torch.Tensor:
