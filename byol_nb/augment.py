@@ -108,17 +108,21 @@ def sample_crop_boxes(batch: int, scale: tuple[float, float], ratio: tuple[float
 def resized_crop(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
     """Crop every image to its own box, mirror where ``flips``, resize to ``size`` (bilinear).
 
-    One affine ``grid_sample`` for the whole batch: the view's grid coordinate ``u`` in [-1, 1] maps
-    to the original's ``(x0 + x1 - 1) + (x1 - x0) u`` (negated ``u`` under a flip), likewise for y.
+    One ``grid_sample`` for the whole batch: the view's grid coordinate ``u`` in [-1, 1] maps to the
+    original's ``(x0 + x1 - 1) + (x1 - x0) u`` (negated ``u`` under a flip), likewise for y. That is
+    ``F.affine_grid`` with a diagonal matrix, but x depends on the column only and y on the row
+    only, so the grid is built from one line per axis, without affine_grid's batched matrix product:
+    the crop of 64 images takes 0.3 instead of 0.8 ms at 32 px, 0.9 instead of 3.3 ms at 64 px
+    (BENCHMARKS.md), with the same grid up to float rounding (tested).
     """
     x0, y0, x1, y1 = boxes.unbind(1)
+    batch = images.shape[0]
+    # Pixel centres of the output in [-1, 1], as affine_grid places them with align_corners=False.
+    centres = (torch.arange(size, device=images.device, dtype=images.dtype) * 2 + 1) / size - 1
     sign = 1 - 2 * flips.to(images.dtype)
-    theta = torch.zeros(images.shape[0], 2, 3, device=images.device, dtype=images.dtype)
-    theta[:, 0, 0] = (x1 - x0) * sign
-    theta[:, 0, 2] = x0 + x1 - 1
-    theta[:, 1, 1] = y1 - y0
-    theta[:, 1, 2] = y0 + y1 - 1
-    grid = F.affine_grid(theta, [images.shape[0], images.shape[1], size, size], align_corners=False)
+    xs = ((x1 - x0) * sign).unsqueeze(1) * centres + (x0 + x1 - 1).unsqueeze(1)  # (B, size): per column
+    ys = (y1 - y0).unsqueeze(1) * centres + (y0 + y1 - 1).unsqueeze(1)  # (B, size): per row
+    grid = torch.stack([xs.unsqueeze(1).expand(batch, size, size), ys.unsqueeze(2).expand(batch, size, size)], dim=-1)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 

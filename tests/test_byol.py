@@ -396,6 +396,24 @@ def coordinate_image(size: int) -> torch.Tensor:
     return torch.stack([x, y, torch.zeros_like(x)]).unsqueeze(0)
 
 
+def test_resized_crop_equals_the_affine_grid_it_replaces():
+    """The grid built per axis is F.affine_grid's for theta = [[sx, 0, tx], [0, sy, ty]]."""
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, 24, 24)
+    boxes = sample_crop_boxes(16, (0.08, 1.0), (3 / 4, 4 / 3))
+    flips = torch.rand(16) < 0.5
+    x0, y0, x1, y1 = boxes.unbind(1)
+    theta = torch.zeros(16, 2, 3)
+    theta[:, 0, 0] = (x1 - x0) * (1 - 2 * flips.float())
+    theta[:, 0, 2] = x0 + x1 - 1
+    theta[:, 1, 1] = y1 - y0
+    theta[:, 1, 2] = y0 + y1 - 1
+    for size in (8, 17, 32):
+        grid = F.affine_grid(theta, [16, 3, size, size], align_corners=False)
+        expected = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        torch.testing.assert_close(resized_crop(images, boxes, flips, size), expected)
+
+
 @pytest.mark.parametrize("flip", [False, True])
 def test_crop_boxes_locate_each_view_in_the_original(flip):
     """Each view pixel shows the original point that the box (and flip) says it should."""
