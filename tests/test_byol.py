@@ -111,7 +111,7 @@ def test_ema_update_formula_for_parameters_and_bn_buffers_trap7():
 def test_a_training_step_moves_the_target_by_the_ema_formula_trap7(optimizer):
     """Whether LARS carries the EMA inside its update (``follow``) or ema_update_ does all of it
     (other optimizers), one Lightning step leaves target = tau target + (1 - tau) online for every
-    parameter and BatchNorm buffer, with tau from the schedule, and the predictor has no copy."""
+    parameter and BatchNorm buffer, with tau from the schedule."""
     module = BYOLModule(TrainConfig(image_size=16, proj_hidden=32, proj_dim=16, optimizer=optimizer, tau_base=0.9))
     with torch.no_grad():  # a target that differs from the online network, as after some steps
         for p in module.nets.target.parameters():
@@ -249,14 +249,9 @@ def test_lars_with_followers_equals_the_step_then_the_ema(compiled):
     unfollowed parameter's step is unchanged. The weight changes every step, as tau does."""
     torch.manual_seed(0)
 
-    def parameters() -> list[nn.Parameter]:
-        return [nn.Parameter(torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last)),
-                nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(4))]
-
-    fused, plain = parameters(), [nn.Parameter(p.detach().clone()) for p in parameters()]
-    for f, p in zip(fused, plain):
-        with torch.no_grad():
-            p.copy_(f)
+    fused = [nn.Parameter(torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last)),
+             nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(4))]
+    plain = [nn.Parameter(p.detach().clone()) for p in fused]  # clone keeps channels_last
     followers = [torch.randn_like(p) for p in fused[:2]] + [None, torch.randn(4)]
     expected = [None if f is None else f.clone() for f in followers]
 
