@@ -248,7 +248,6 @@ def test_lars_with_followers_equals_the_step_then_the_ema(compiled):
     parameter without a gradient (its follower still moves), channels_last ones included; an
     unfollowed parameter's step is unchanged. The weight changes every step, as tau does."""
     torch.manual_seed(0)
-
     fused = [nn.Parameter(torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last)),
              nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(4))]
     plain = [nn.Parameter(p.detach().clone()) for p in fused]  # clone keeps channels_last
