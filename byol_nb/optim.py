@@ -8,7 +8,7 @@ linear warmup, then cosine decay to zero.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -42,8 +42,10 @@ class LARS(torch.optim.Optimizer):
         few passes as it can: the dot products ``<w, w>``, ``<g, g>`` and ``<g, w>`` give ``||w||`` and
         ``||g + wd w||`` without forming ``g + wd w``; then PyTorch's fused SGD kernel applies
         weight decay, momentum and the update in one pass per tensor, with the trust ratio folded
-        into its gradient scale and weight decay: nine passes instead of fifteen (timings in
-        BENCHMARKS.md). Like apex's LARC, ``p.grad`` may be rescaled in place.
+        into its gradient scale and weight decay: nine passes instead of fifteen. On CPU each
+        tensor's dot products, update and follow (below) run back to back, so all but the first
+        pass find it in cache (timings in BENCHMARKS.md). Like apex's LARC, ``p.grad`` may be
+        rescaled in place.
 
         ``follow`` maps parameters to tensors that trail them, BYOL's target network:
         ``follow[p].lerp_(p, follow_weight)`` right after ``p``'s update, while the new weights are
@@ -80,8 +82,9 @@ class LARS(torch.optim.Optimizer):
                 torch._fused_sgd_(p, g, b[0] if b else [], weight_decay=group["weight_decay"], **sgd)
                 _follow([(f, p) for f, p in zip(followers, params) if f is not None], follow_weight)
                 continue
-            trusts = self._trust_ratios([f[0] for f in flat], [f[1] for f in flat], group).tolist()
-            for (p, g, *b), param, follower, trust in zip(flat, params, followers, trusts):
+            dots = _dot_products([f[0] for f in flat], [f[1] for f in flat], lazy=params[0].device.type == "cpu")
+            for (p, g, *b), param, follower, (w_w, g_g, g_w) in zip(flat, params, followers, dots):
+                trust = _trust_ratio(w_w, g_g, g_w, group["weight_decay"], group["trust_coefficient"])
                 # fused SGD steps with g / grad_scale + weight_decay * w = trust * (g + wd w)
                 torch._fused_sgd_([p], [g], b, weight_decay=group["weight_decay"] * trust,
                                   grad_scale=torch.tensor(1 / trust, device=p.device), **sgd)
@@ -100,20 +103,28 @@ class LARS(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buffer)
         return [self.state[p]["momentum_buffer"] for p in params]
 
-    @staticmethod
-    def _trust_ratios(params: list[Tensor], grads: list[Tensor], group: dict) -> Tensor:
-        """``eta ||w|| / ||g + wd w||`` per tensor (1 where either norm is 0), from three dot products
-        (flat ``params`` and ``grads``)."""
-        wd = group["weight_decay"]
-        # Squared norms as self dot products: BLAS's dot reads a vector twice as fast as vector_norm.
-        w_squared = torch.stack([torch.vdot(p, p) for p in params])
-        g_squared = torch.stack([torch.vdot(g, g) for g in grads])
-        dots = torch.stack([torch.vdot(g, p) for g, p in zip(grads, params)])
-        w_norm = w_squared.sqrt()
-        step_norm = (g_squared + 2 * wd * dots + wd * wd * w_squared).clamp_min(0).sqrt()
-        usable = (w_norm > 0) & (step_norm > 0)
-        return torch.where(usable, group["trust_coefficient"] * w_norm / step_norm.where(usable, 1.0),
-                           torch.ones_like(w_norm))
+
+def _dot_products(params: list[Tensor], grads: list[Tensor], lazy: bool) -> Iterator[tuple[float, float, float]]:
+    """``<w, w>``, ``<g, g>`` and ``<g, w>`` for each (flat) parameter and gradient, in order.
+
+    BLAS's dot reads a vector twice as fast as ``vector_norm``. ``lazy`` (CPU) computes each triple
+    only when the loop asks for it, right before that tensor's update, which then finds the weight
+    and gradient still in cache (4-5 ms of a 16 ms step on ResNet-18, BENCHMARKS.md). On a GPU,
+    all at once: one wait for the device instead of one per tensor.
+    """
+    triples = ((torch.vdot(w, w), torch.vdot(g, g), torch.vdot(g, w)) for w, g in zip(params, grads))
+    if lazy:
+        return (tuple(dot.item() for dot in triple) for triple in triples)
+    return iter(map(tuple, torch.stack([torch.stack(triple) for triple in triples]).tolist()))
+
+
+def _trust_ratio(w_w: float, g_g: float, g_w: float, weight_decay: float, trust_coefficient: float) -> float:
+    """``eta ||w|| / ||g + wd w||`` from the three dot products (1 where either norm is 0)."""
+    w_norm = math.sqrt(w_w)
+    step_norm = math.sqrt(max(g_g + 2 * weight_decay * g_w + weight_decay**2 * w_w, 0.0))
+    if w_norm > 0 and step_norm > 0:
+        return trust_coefficient * w_norm / step_norm
+    return 1.0
 
 
 def lars_update_(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], lr: Tensor, momentum: float,

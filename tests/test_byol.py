@@ -17,7 +17,7 @@ from byol_nb.ema import cosine_momentum, ema_update_
 from byol_nb.losses import byol_loss, multi_crop_byol_loss, symmetric_byol_loss
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.module import BYOLModule, TrainConfig
-from byol_nb.optim import LARS, build_optimizer, warmup_cosine
+from byol_nb.optim import LARS, _dot_products, _trust_ratio, build_optimizer, warmup_cosine
 
 
 def small_networks() -> BYOLNetworks:
@@ -239,6 +239,18 @@ def test_lars_matches_the_per_tensor_formula_over_several_steps(compiled):
     for p, expected in zip(weights + biases, reference):
         torch.testing.assert_close(p.detach(), expected)
     assert weights[2] not in opt.state
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["cpu-lazy", "gpu-all-at-once"])
+def test_lars_dot_products_are_the_same_computed_lazily_or_at_once(lazy):
+    """Eager LARS computes its dot products tensor by tensor on CPU and all at once on a GPU; both
+    give <w, w>, <g, g>, <g, w> per tensor, in order (the GPU form runs here on CPU tensors)."""
+    torch.manual_seed(0)
+    weights, grads = [torch.randn(7), torch.zeros(3), torch.randn(5)], [torch.randn(7), torch.randn(3), torch.zeros(5)]
+    expected = [(float(w @ w), float(g @ g), float(g @ w)) for w, g in zip(weights, grads)]
+    got = list(_dot_products(weights, grads, lazy=lazy))
+    assert [value for triple in got for value in triple] == pytest.approx([v for triple in expected for v in triple])
+    assert [_trust_ratio(*triple, 0.1, 0.02) for triple in got][1:] == [1.0, pytest.approx(0.2)]
 
 
 @pytest.mark.parametrize("compiled", COMPILED, ids=["eager", "compiled"])
