@@ -143,16 +143,23 @@ def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
     Hue in sixths of a turn is ``(g - b) / C``, ``(b - r) / C + 2`` or ``(r - g) / C + 4`` as red,
     green or blue is the largest channel (``C`` = max - min). Back to RGB, channel ``n`` (5, 3, 1
     for R, G, B) is ``max - C * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + hue) mod 6``.
+
+    The sector is picked by ``lerp`` with 0/1 weights, which is exact, and the modulo written with
+    ``floor``: on a CPU, ``torch.where`` and ``torch.remainder`` took 5-10x longer than plain
+    arithmetic (the whole turn 0.9 -> 0.5 ms for 64 images of 32 px, BENCHMARKS.md).
     """
     red, green, blue = images.unbind(1)
     high, low = images.amax(1), images.amin(1)
     chroma = high - low
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue = torch.where(high == red, (green - blue) / safe,
-                      torch.where(high == green, (blue - red) / safe + 2, (red - green) / safe + 4))
+    # A gray pixel (C = 0) has no hue: any finite one gives it back unchanged, as C times anything is 0.
+    safe = chroma.clamp_min(torch.finfo(images.dtype).tiny)
+    green_high, red_high = (high == green).to(images.dtype), (high == red).to(images.dtype)
+    hue = torch.lerp((red - green) / safe + 4, (blue - red) / safe + 2, green_high)
+    hue = torch.lerp(hue, (green - blue) / safe, red_high)  # red first where red and green tie
     hue = hue + 6 * shift.to(images.dtype).view(-1, 1, 1)
     offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(offsets + hue.unsqueeze(1), 6)
+    k = offsets + hue.unsqueeze(1)
+    k = k - 6 * torch.floor(k / 6)
     return high.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -180,8 +187,12 @@ def grayscale_where(images: Tensor, chosen: Tensor) -> Tensor:
 
 
 def solarize_where(images: Tensor, chosen: Tensor) -> Tensor:
-    """Pixels at or above 0.5 inverted (``x -> 1 - x``) where ``chosen`` (B,) bool."""
-    return torch.where(chosen.view(-1, 1, 1, 1) & (images >= 0.5), 1 - images, images)
+    """Pixels at or above 0.5 inverted (``x -> 1 - x``) where ``chosen`` (B,) bool.
+
+    ``min(x, 1 - x)`` is exactly that inversion; choosing per sample rather than per pixel makes it
+    0.45 -> 0.16 ms for 64 images of 32 px (a per-pixel ``torch.where`` is slow on a CPU).
+    """
+    return torch.where(chosen.view(-1, 1, 1, 1), torch.minimum(images, 1 - images), images)
 
 
 class ColourSteps(NamedTuple):
