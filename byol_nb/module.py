@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from byol_nb.augment import AugmentConfig, TwoViewAugment, normalize
-from byol_nb.ema import cosine_momentum, ema_update_, target_pairs
+from byol_nb.ema import EMAUpdate, cosine_momentum, target_pairs
 from byol_nb.evaluate import knn_top1
 from byol_nb.augment import View
 from byol_nb.distributed import convert_sync_batchnorm, gather_with_grad
@@ -150,7 +150,7 @@ class BYOLModule(pl.LightningModule):
                                                     local_crop_scale=(LOCAL_MIN_SCALE, config.crop_min_scale)),
                                       compiled=compiled)
         self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        self._pairs: tuple[LARS, dict[Tensor, Tensor]] | None = None
+        self._target_update: tuple[torch.optim.Optimizer, dict[Tensor, Tensor], EMAUpdate] | None = None
 
     @property
     def backbone(self) -> Backbone:
@@ -271,23 +271,24 @@ class BYOLModule(pl.LightningModule):
         after this hook: the update that follows optimizer step k (from 0) uses tau_k.
         """
         tau = self.current_tau()
-        follow: dict[Tensor, Tensor] = {}
         inner = getattr(optimizer, "optimizer", optimizer)  # Lightning passes its LightningOptimizer wrapper
-        if isinstance(inner, LARS):
+        follow, ema = self._target_update_for(inner)
+        if follow:
             # LARS moves each target weight right after its online weight (one read of the weights
-            # fewer: BENCHMARKS.md); ema_update_ then does the rest (BatchNorm buffers).
-            follow = self._target_pairs(inner)
+            # fewer: BENCHMARKS.md); the EMA update then does the rest (BatchNorm buffers).
             optimizer.step(closure=optimizer_closure, follow=follow, follow_weight=1 - tau)
         else:
             super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        ema_update_(self.nets.target, self.nets.online, tau, skip=follow.values())
+        ema.apply_(tau)
 
-    def _target_pairs(self, optimizer: LARS) -> dict[Tensor, Tensor]:
-        """:func:`byol_nb.ema.target_pairs` for ``optimizer``, built on its first step and kept (the
-        parameters stay the same objects for a whole fit; building the map costs 0.5 ms a step)."""
-        if self._pairs is None or self._pairs[0] is not optimizer:
-            self._pairs = (optimizer, target_pairs(self.nets.target, self.nets.online, optimizer))
-        return self._pairs[1]
+    def _target_update_for(self, optimizer: torch.optim.Optimizer) -> tuple[dict[Tensor, Tensor], EMAUpdate]:
+        """The target weights ``optimizer`` moves itself (LARS: :func:`byol_nb.ema.target_pairs`; none
+        for the others) and the EMA update of everything else, built on the optimizer's first step and
+        kept: the tensors stay the same objects for a whole fit, and listing them costs about 1 ms a step."""
+        if self._target_update is None or self._target_update[0] is not optimizer:
+            follow = target_pairs(self.nets.target, self.nets.online, optimizer) if isinstance(optimizer, LARS) else {}
+            self._target_update = (optimizer, follow, EMAUpdate(self.nets.target, self.nets.online, skip=follow.values()))
+        return self._target_update[1], self._target_update[2]
 
     def configure_optimizers(self):
         world = self.trainer.world_size if self.trainer else 1

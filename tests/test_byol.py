@@ -111,20 +111,22 @@ def test_ema_update_formula_for_parameters_and_bn_buffers_trap7():
 def test_a_training_step_moves_the_target_by_the_ema_formula_trap7(optimizer):
     """Whether LARS carries the EMA inside its update (``follow``) or ema_update_ does all of it
     (other optimizers), one Lightning step leaves target = tau target + (1 - tau) online for every
-    parameter and BatchNorm buffer, with tau from the schedule."""
+    parameter and BatchNorm buffer, with tau from the schedule; in a second fit too (a new optimizer:
+    the module lists the tensors to update once per optimizer)."""
     module = BYOLModule(TrainConfig(image_size=16, proj_hidden=32, proj_dim=16, optimizer=optimizer, tau_base=0.9))
     with torch.no_grad():  # a target that differs from the online network, as after some steps
         for p in module.nets.target.parameters():
             p.add_(torch.randn_like(p))
-    before = {k: v.clone() for k, v in module.nets.target.state_dict().items()}
     images = TensorDataset(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
-    pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False).fit(module, DataLoader(images, batch_size=8))
-    online, after = module.nets.online.state_dict(), module.nets.target.state_dict()
-    for key, value in after.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(value, 0.9 * before[key] + 0.1 * online[key], msg=key)
-    assert not torch.equal(after["backbone.body.0.weight"], before["backbone.body.0.weight"])
+    for _ in range(2):
+        before = {k: v.clone() for k, v in module.nets.target.state_dict().items()}
+        pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False).fit(module, DataLoader(images, batch_size=8))
+        online, after = module.nets.online.state_dict(), module.nets.target.state_dict()
+        for key, value in after.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(value, 0.9 * before[key] + 0.1 * online[key], msg=key)
+        assert not torch.equal(after["backbone.body.0.weight"], before["backbone.body.0.weight"])
 
 
 def test_target_changes_only_through_the_ema_trap1():

@@ -210,8 +210,8 @@ def test_momentum_schedule_continues_after_resume_trap6(tiny_shapes, tmp_path, m
              "--tau-base", "0.9", "--save-every-n-steps", "1"]
     assert train.main([*flags, "--max-steps", "2"]) == 0
     taus: list[float] = []
-    update = module_lib.ema_update_
-    monkeypatch.setattr(module_lib, "ema_update_", lambda t, o, tau, **kw: (taus.append(tau), update(t, o, tau, **kw)))
+    apply = module_lib.EMAUpdate.apply_
+    monkeypatch.setattr(module_lib.EMAUpdate, "apply_", lambda self, tau: (taus.append(tau), apply(self, tau)))
     assert train.main([*flags, "--max-steps", "4", "--resume"]) == 0
     assert taus == pytest.approx([cosine_momentum(k, 4, 0.9) for k in (2, 3)])
     assert taus[0] > 0.9 + 1e-3
