@@ -376,12 +376,16 @@ class TwoViewAugment(nn.Module):
 
 
 def _seed(seed: int, device: torch.device) -> None:
-    """``torch.manual_seed`` for the generators a draw uses: the CPU's and, for a CUDA batch, the GPUs'.
+    """``torch.manual_seed`` for the generators a draw uses: the CPU's and, for a CUDA batch, the GPUs'
+    (any other device: ``torch.manual_seed`` itself).
 
     ``torch.manual_seed`` also queues the seed for every GPU backend that is not initialised yet,
     saving the Python stack with each (for when the backend starts): about 1 ms of a 32 px CPU step
     inside Lightning's deep call stack (BENCHMARKS.md).
     """
+    if device.type not in ("cpu", "cuda"):
+        torch.manual_seed(seed)  # another accelerator (MPS, XPU): seed its generator the general way
+        return
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(seed)

@@ -348,6 +348,22 @@ def test_two_views_use_their_own_recipes_and_seed_is_reproducible():
     assert not torch.equal(a1.boxes, a2.boxes)
 
 
+def test_a_seeded_call_draws_what_torch_manual_seed_gives_and_leaves_the_global_stream_alone():
+    """The augmentation seeds only the generators it draws from (not torch.manual_seed, which is slow
+    on a CUDA build without a GPU): the views of a seed are those of torch.manual_seed(seed), as in
+    runs and checkpoints made before, and the caller's random stream is untouched."""
+    augment = TwoViewAugment(AugmentConfig(16))
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        expected = augment(images)
+    state = torch.get_rng_state()
+    got = augment(images, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    for view, reference in zip(got, expected):
+        assert torch.equal(view.images, reference.images) and torch.equal(view.boxes, reference.boxes)
+
+
 def test_local_views_are_small_per_sample_reproducible_and_leave_the_main_views_alone():
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     plain = TwoViewAugment(AugmentConfig(16))
