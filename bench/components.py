@@ -4,8 +4,8 @@
 
 Times the parts of one step separately (batch 64, two views) in process CPU time, which a crowded
 machine disturbs far less than wall-clock time: the online forward + backward and target forward
-on fixed views under each memory-format/precision/convolution option, the two-view augmentation and the LARS step
-(each eager and compiled) and the EMA update. The options that :mod:`bench.run` shows paying end to end were chosen from this.
+on fixed views under each memory-format/precision/convolution option, the two-view augmentation, the LARS step
+and the EMA update. The options that :mod:`bench.run` shows paying end to end were chosen from this.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch import Tensor
 
 from bench import peers
 from byol_nb.augment import AugmentConfig, TwoViewAugment
-from byol_nb.ema import EMAUpdate
-from byol_nb.matmul_conv import use_matmul_convs
+from byol_nb.cpu_speed import speed_up_for_cpu
+from byol_nb.ema import ema_update_
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.optim import build_optimizer
 
@@ -50,7 +50,7 @@ def median_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float]
 
 def networks(channels_last: bool, matmul_convs: bool = True) -> BYOLNetworks:
     torch.manual_seed(0)
-    nets = use_matmul_convs(BYOLNetworks(Backbone("resnet18"), 1024, 256), enable=matmul_convs)
+    nets = speed_up_for_cpu(BYOLNetworks(Backbone("resnet18"), 1024, 256), enable=matmul_convs)
     return nets.to(memory_format=torch.channels_last) if channels_last else nets
 
 
@@ -71,14 +71,10 @@ def measure(size: int, batch: int, repeats: int) -> dict[str, float]:
         result[f"model step, {name}"] = median_ms(model_step(nets, both, bf16), repeats)
     nets = networks(True)
     model_step(nets, both, False)()  # gradients for the optimizer
-    for label, compiled in (("augmentation (two views)", False), ("augmentation (two views), --compile", True)):
-        augment = TwoViewAugment(AugmentConfig(size), compiled=compiled)
-        result[label] = median_ms(lambda: augment(images, seed=1), repeats)  # the untimed first call compiles
-    for label, compiled in (("LARS step", False), ("LARS step, --compile", True)):
-        optimizer = build_optimizer("lars", nets, 0.5, 1.5e-6, compiled=compiled)
-        result[label] = median_ms(optimizer.step, repeats)  # the untimed first call compiles
-    ema = EMAUpdate(nets.target, nets.online)  # listed once, as a training run does
-    result["EMA update"] = median_ms(lambda: ema.apply_(0.99), repeats)
+    result["augmentation (two views)"] = median_ms(lambda: augment(images, seed=1), repeats)
+    optimizer = build_optimizer("lars", nets, 0.5, 1.5e-6)
+    result["LARS step"] = median_ms(optimizer.step, repeats)
+    result["EMA update"] = median_ms(lambda: ema_update_(nets.target, nets.online, 0.99), repeats)
     return result
 
 

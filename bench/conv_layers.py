@@ -4,7 +4,7 @@
 
 For every distinct convolution of a ResNet-18 (standard stem) at one input size, times forward plus
 backward (input and weight gradients) of ``F.conv2d`` and of
-:func:`byol_nb.matmul_conv.patch_matmul_conv2d`, in fp32 and under bf16 autocast, on random
+:func:`byol_nb.cpu_speed.patch_matmul_conv2d`, in fp32 and under bf16 autocast, on random
 channels_last inputs. Run it on another CPU to see whether the threshold holds there.
 """
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.components import median_ms
-from byol_nb.matmul_conv import MAX_MATMUL_CELLS, patch_matmul_conv2d
+from byol_nb.cpu_speed import MAX_MATMUL_CELLS, patch_matmul_conv2d
 
 # (in channels, out channels, kernel, stride, input side / image side, how many ResNet-18 has)
 RESNET18_CONVS = [

@@ -13,7 +13,6 @@ optimizer its docs recommend.
 * ``lightly`` 1.6.0: its BYOL example, ``BYOLProjectionHead``/``BYOLPredictionHead``,
   ``NegativeCosineSimilarity``, ``update_momentum`` with ``cosine_schedule`` and ``BYOLTransform``
   (PIL, per image) in a ``DataLoader`` with workers; SGD at lr 0.06 with momentum 0.9.
-* ``byol_nb --compile``: the same, with LARS's update and the colour steps compiled by ``torch.compile`` (``--compile``).
 * ``ideal``: byol_nb's networks on views augmented once before timing: online forward, loss,
   backward and target forward only, the floor that any full step is compared with.
 
@@ -24,7 +23,6 @@ default; byol-pytorch is told so) so that the compared work is the same model.
 from __future__ import annotations
 
 import copy
-import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -98,15 +96,15 @@ def forever(loader: DataLoader):
 
 
 # ---- byol_nb --------------------------------------------------------------------------------------
-def train_byol_nb(setup: Setup, compiled: bool = False, paired: bool = False) -> Trained:
+def train_byol_nb(setup: Setup, paired: bool = False) -> Trained:
     """``paired``: after every ``PAIR_BLOCK`` steps, ``PAIR_BLOCK`` ideal steps (:func:`model_step` on
     views augmented once) with the same networks, timed apart and returned in ``Trained.ideal_s``;
     see :func:`paired_ratio`."""
     import pytorch_lightning as pl
 
+    from byol_nb.config import TrainConfig
     from byol_nb.data import TensorImages
-    from byol_nb.module import BYOLModule, TrainConfig
-    from byol_nb.train import resolve_precision
+    from byol_nb.devices import resolve_precision
 
     class StepClock(pl.Callback):
         def __init__(self) -> None:
@@ -139,7 +137,7 @@ def train_byol_nb(setup: Setup, compiled: bool = False, paired: bool = False) ->
     pl.seed_everything(setup.seed, verbose=False)
     config = TrainConfig(image_size=setup.size, batch_size=setup.batch, proj_hidden=HIDDEN, proj_dim=OUT,
                          seed=setup.seed)
-    module = BYOLModule(config, compiled=compiled)
+    module = byol_nb_module(config, setup.device)
     hwc = setup.pixels.permute(0, 2, 3, 1).numpy()
     dataset = TensorImages(hwc, [-1] * len(hwc), setup.size, classes=[])
     precision = resolve_precision(setup.precision, "auto")
@@ -280,18 +278,22 @@ def train_lightly(setup: Setup) -> Trained:
 
 
 # ---- the ideal step -------------------------------------------------------------------------------
-def model_step(nets: "BYOLNetworks", both: Tensor, bf16: bool) -> None:  # noqa: F821 (byol_nb is imported lazily)
-    """The model work every BYOL step must do: online forward and backward, target forward."""
-    from byol_nb.losses import symmetric_byol_loss
+def byol_nb_module(config: "TrainConfig", device: torch.device) -> "BYOLModule":  # noqa: F821 (imported lazily)
+    """byol_nb's LightningModule as ``python -m byol_nb.train`` builds it, CPU speed-ups included."""
+    from byol_nb.cpu_speed import speed_up_for_cpu
+    from byol_nb.module import BYOLModule
 
+    module = BYOLModule(config)
+    if device.type == "cpu":
+        speed_up_for_cpu(module.nets)
+    return module
+
+
+def model_step(nets: "BYOLNetworks", both: Tensor, bf16: bool) -> None:  # noqa: F821 (byol_nb is imported lazily)
+    """The model work every BYOL step must do: online forward and backward, target forward, the
+    loss (byol_nb's own forward: ``BYOLNetworks.forward`` and ``instance_loss``)."""
     with torch.autocast(both.device.type, dtype=torch.bfloat16, enabled=bf16):
-        _, projection = nets.online(both)
-        prediction = nets.predictor(projection)
-        with torch.no_grad():
-            _, target = nets.target(both)
-        p1, p2 = prediction.chunk(2)
-        z1, z2 = target.chunk(2)
-        loss = symmetric_byol_loss(p1, p2, z1, z2)
+        loss = nets.instance_loss(nets(both))
     nets.zero_grad(set_to_none=True)
     loss.backward()
 
@@ -308,13 +310,13 @@ def fixed_views(setup: Setup, images: Tensor) -> Tensor:
 def ideal_step(setup: Setup) -> Trained:
     """byol_nb's networks and loss on fixed, already augmented views: no data, no augmentation, no
     optimizer, no EMA, no Lightning. Memory format and precision are those of byol_nb's step."""
-    from byol_nb.module import BYOLModule, TrainConfig
-    from byol_nb.train import resolve_precision
+    from byol_nb.config import TrainConfig
+    from byol_nb.devices import resolve_precision
 
     torch.manual_seed(setup.seed)
     device = setup.device
     # The module's own networks, so the ideal follows whatever layout byol_nb trains with.
-    nets = BYOLModule(TrainConfig(image_size=setup.size, proj_hidden=HIDDEN, proj_dim=OUT)).nets.to(device)
+    nets = byol_nb_module(TrainConfig(image_size=setup.size, proj_hidden=HIDDEN, proj_dim=OUT), device).nets.to(device)
     both = fixed_views(setup, setup.pixels[: setup.batch])
     bf16 = resolve_precision(setup.precision, "auto") == "bf16-mixed"
     clock = Clock()
@@ -330,6 +332,4 @@ PEERS: dict[str, Callable[[Setup], Trained]] = {
     "byol-pytorch": train_byol_pytorch,
     "lightly": train_lightly,
 }
-COMPILED = "byol_nb --compile"
-RUNNERS: dict[str, Callable[[Setup], Trained]] = {
-    **PEERS, COMPILED: functools.partial(train_byol_nb, compiled=True), "ideal": ideal_step}
+RUNNERS: dict[str, Callable[[Setup], Trained]] = {**PEERS, "ideal": ideal_step}

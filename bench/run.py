@@ -4,7 +4,7 @@
     python -m bench.run --quick              # the same code, small: a smoke test of the harness
     python -m bench.run --skip-quality --sizes 32
 
-Speed: for each size, every repeat runs byol_nb (eager and with --compile), byol-pytorch, lightly
+Speed: for each size, every repeat runs byol_nb, byol-pytorch, lightly
 and the ideal step once each, one after another (each in a fresh process), so that a change in
 machine load hits all of them alike; medians over repeats. Then byol_nb's step over its ideal
 step, the two in alternating blocks within each run (``bench.peers.paired_ratio``). Quality: each library
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.peers import COMPILED, PEERS
+from bench.peers import PEERS
 
 REPO = Path(__file__).resolve().parent.parent
 SUBSET = REPO / "data" / "cifar10-subset"
@@ -97,7 +97,7 @@ def machine() -> dict:
 
 def speed(args: argparse.Namespace, source: str | None) -> list[dict]:
     """Alternating repeats; one summary row per (size, runner)."""
-    runners = [*PEERS, COMPILED, "ideal"]
+    runners = [*PEERS, "ideal"]
     rows = []
     for size in args.sizes:
         pixels = str(cached_pixels(source, size))
@@ -128,7 +128,7 @@ def paired(args: argparse.Namespace, source: str | None) -> list[dict]:
     rows = []
     for size in args.sizes:
         pixels = str(cached_pixels(source, size))
-        for name in ("byol_nb", COMPILED):
+        for name in ("byol_nb",):
             ratios = []
             for repeat in range(args.repeats):
                 spec = dict(task="paired", runner=name, size=size, batch=args.batch, steps=2 * args.steps,

@@ -17,7 +17,7 @@ import time
 import psutil
 import torch
 
-from bench.peers import COMPILED, RUNNERS, Setup, paired_ratio, train_byol_nb
+from bench.peers import RUNNERS, Setup, paired_ratio, train_byol_nb
 
 
 class PeakMemory:
@@ -84,13 +84,14 @@ def paired(spec: dict) -> dict:
     pixels = torch.load(spec["pixels"], weights_only=True)["pixels"]
     setup = Setup(pixels, spec["size"], spec["batch"], spec["warmup"] + spec["steps"], spec.get("seed", 0),
                   spec.get("workers", 2), spec.get("precision", "auto"))
-    trained = train_byol_nb(setup, compiled=spec["runner"] == COMPILED, paired=True)
+    trained = train_byol_nb(setup, paired=True)
     return {**spec, **paired_ratio(trained.stamps, list(trained.ideal_s), list(trained.block_s), spec["warmup"])}
 
 
 def quality(spec: dict) -> dict:
-    """kNN top-1 (byol_nb.evaluate.knn_top1: cosine, k 20, T 0.1) of the backbone after training."""
-    from byol_nb.evaluate import extract_features, knn_top1
+    """kNN top-1 (byol_nb.metrics.knn_top1: cosine, k 20, T 0.1) of the backbone after training."""
+    from byol_nb.evaluate import extract_features
+    from byol_nb.metrics import knn_top1
     from byol_nb.models import Backbone
 
     train, test = (torch.load(spec[key], weights_only=True) for key in ("pixels", "test_pixels"))

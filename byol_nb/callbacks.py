@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 
 class ThroughputMonitor(pl.Callback):
@@ -38,6 +40,20 @@ class ThroughputMonitor(pl.Callback):
         return self.images / self.seconds if self.seconds else 0.0
 
 
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, showing the module's ``progress_values`` (plain numbers the module
+    updates on logging steps) and the metrics of validation passes, such as ``knn_top1``.
+
+    Values logged with ``prog_bar=True`` in a training step would be read from the device after
+    every step, a GPU synchronisation each time; the run's version number is left out.
+    """
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        metrics = {**super().get_metrics(trainer, pl_module), **getattr(pl_module, "progress_values", {})}
+        metrics.pop("v_num", None)
+        return metrics
+
+
 class MonitorInterval(pl.Callback):
     """Run the kNN monitor every ``every_n_epochs`` epochs, and at least once in a run of one full
     epoch or more: the interval shrinks to the run's number of full epochs, which is known only
@@ -53,24 +69,33 @@ class MonitorInterval(pl.Callback):
 
 
 class FailureInjection(pl.Callback):
-    """Makes one process raise at a given step, to test that a failing process ends a
-    multi-process job (non-zero exit, its error shown) instead of leaving the others hanging.
+    """Makes one process fail at a given step, to test that a failing process ends a multi-process
+    job (non-zero exit, its error shown) instead of leaving the others waiting.
 
-    Enabled only by the environment variable ``BYOL_NB_FAIL_AT_STEP=k`` (read by ``train.main``):
-    the last process (global rank world_size - 1) raises at the start of global step ``k``.
+    Enabled only by environment variables (read by ``train.main``): ``BYOL_NB_FAIL_AT_STEP=k``
+    makes a process fail at the start of global step ``k``; ``BYOL_NB_FAIL_RANK`` picks its global
+    rank (default: the last one); ``BYOL_NB_FAIL_HOW=kill`` makes it die by SIGKILL, as when the
+    system runs out of memory, instead of raising an error.
     """
 
     ENV = "BYOL_NB_FAIL_AT_STEP"
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, rank: int | None = None, kill: bool = False) -> None:
+        self.step, self.rank, self.kill = step, rank, kill
 
     @classmethod
     def from_env(cls) -> "FailureInjection | None":
         value = os.environ.get(cls.ENV)
-        return cls(int(value)) if value else None
+        if not value:
+            return None
+        rank = os.environ.get("BYOL_NB_FAIL_RANK")
+        return cls(int(value), None if rank is None else int(rank), os.environ.get("BYOL_NB_FAIL_HOW") == "kill")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.step and trainer.global_rank == trainer.world_size - 1:
-            raise RuntimeError(f"{self.ENV}={self.step}: injected failure in process {trainer.global_rank} "
-                               f"of {trainer.world_size}")
+        rank = trainer.world_size - 1 if self.rank is None else self.rank
+        if trainer.global_step != self.step or trainer.global_rank != rank:
+            return
+        if self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"{self.ENV}={self.step}: injected failure in process {trainer.global_rank} "
+                           f"of {trainer.world_size}")

@@ -177,10 +177,11 @@ def read_backbone_file(path: str | Path, map_location: str = "cpu") -> dict[str,
 
 
 def load_backbone(path: str | Path, dense: bool = False, map_location: str = "cpu") -> nn.Module:
-    """The trained backbone of ``path`` in eval mode.
+    """The trained backbone of ``path``, in eval mode, made of torch and torchvision modules only.
 
     It maps a *normalised* image batch (see :func:`byol_nb.augment.normalize`) to pooled features
-    (B, dim), or with ``dense=True`` to the last feature map (B, dim, H, W).
+    (B, dim): the ResNet's layers, global average pooling and a flatten. With ``dense=True`` it stops
+    before the pooling and returns the last feature map (B, dim, H, W).
     """
     payload = read_backbone_file(path, map_location)
     name, small_stem = payload.get("backbone"), bool(payload.get("small_stem"))
@@ -194,5 +195,5 @@ def load_backbone(path: str | Path, dense: bool = False, map_location: str = "cp
                               f"(small_stem={small_stem}): {mismatch}; the file is damaged or was "
                               f"written by another program")
     backbone.load_state_dict(payload["state_dict"])
-    backbone.eval()
-    return backbone.body if dense else backbone
+    layers = backbone.body if dense else nn.Sequential(*backbone.body, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    return layers.eval()

@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from byol_nb import shapes
-from byol_nb.distributed import limit_threads_after_fork
+from byol_nb.devices import limit_threads_after_fork
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 NAMED_DATASETS = ("shapes", "cifar10", "stl10")
@@ -307,7 +307,7 @@ class SSLDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.spec.train == str(shapes_root() / "train"):
-            shapes.generate_shapes(shapes_root())
+            shapes.ensure_shapes(shapes_root())
 
     @property
     def crop_source_size(self) -> int:
@@ -355,7 +355,7 @@ class SSLDataModule(pl.LightningDataModule):
         sampler.start_at(epoch, batch * self.batch_size)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.val_set is None:

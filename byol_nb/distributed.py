@@ -1,11 +1,12 @@
-"""What changes when training runs in several processes: the global batch, and how to launch.
+"""What changes when training runs in several processes: the gradients of the global batch.
 
 Data-parallel training (DDP) runs one process per device. Each computes the loss on its own slice
 of the global batch and DDP *averages* the parameter gradients over processes. Three consequences:
 
-* **Per-sample losses need nothing.** BYOL's and PixPro's losses are means over this process's
-  samples; the average of N equal-sized means is the mean over the global batch, so N processes
-  with batch b give the gradients of one process with batch N x b.
+* **Per-sample losses need nothing but synchronised BatchNorm.** BYOL's and PixPro's losses are
+  means over this process's samples; the average of N equal-sized means is the mean over the
+  global batch, so N processes with batch b give the gradients of one process with batch N x b,
+  provided BatchNorm, the one layer that mixes samples, uses the global batch's statistics too.
 * **Losses that compare samples need the global batch** (contrastive negatives, statistics over the
   batch). :func:`gather_with_grad` concatenates every process's tensor; its backward *sums* every
   process's gradient for this process's slice, because each process's loss depends on every
@@ -18,30 +19,14 @@ of the global batch and DDP *averages* the parameter gradients over processes. T
   turn it off). PyTorch's SyncBatchNorm refuses CPU tensors; :class:`CPUSyncBatchNorm` is the CPU
   (gloo) version, so CPU runs and tests are exact too.
 
-Launching: :func:`check_fork_safe` stops ``ddp_notebook`` before it forks a process that already
-holds CUDA; :func:`resolve_topology` takes devices and nodes from torchrun when it started us.
+How the processes are started, and the checks around it, are in :mod:`byol_nb.devices`.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
-from lightning_fabric.plugins.environments import TorchElasticEnvironment
 from torch import Tensor, nn
-
-
-_IMPORTED_BY_PID = os.getpid()
-
-
-def limit_threads_after_fork() -> None:
-    """In a process forked after this module was imported (ddp_notebook's workers), use one CPU
-    thread. The OpenMP thread pool of the parent does not survive fork: the child's first parallel
-    CPU operation would wait forever for threads that do not exist. (DataLoader workers do the
-    same.) Processes started fresh (ddp, torchrun, srun) are left alone."""
-    if os.getpid() != _IMPORTED_BY_PID:
-        torch.set_num_threads(1)
 
 
 def world_size() -> int:
@@ -160,51 +145,3 @@ def convert_sync_batchnorm(module: nn.Module, cpu: bool = True) -> nn.Module:
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child))
     return module
-
-
-class ForkAfterCudaError(RuntimeError):
-    """ddp_notebook / ddp_fork was asked for in a process where CUDA is already initialised."""
-
-
-def _forks(strategy: object) -> bool:
-    if isinstance(strategy, str):
-        return "notebook" in strategy or "fork" in strategy
-    return getattr(strategy, "_start_method", None) in ("fork", "forkserver")
-
-
-def check_fork_safe(strategy: object, call: str = "trainer.fit") -> None:
-    """Raise :class:`ForkAfterCudaError` at once if ``strategy`` forks and this process holds CUDA.
-
-    A forked child cannot use CUDA once its parent initialised it; without this check the failure
-    comes from deep inside each child ("Cannot re-initialize CUDA in forked subprocess"), after the
-    fork. Call it in the notebook right before ``trainer.fit`` (``python -m byol_nb.train`` does).
-    """
-    if not _forks(strategy):
-        return
-    bad_fork = getattr(torch.cuda, "_is_in_bad_fork", lambda: False)()
-    if torch.cuda.is_initialized() or bad_fork:
-        name = strategy if isinstance(strategy, str) else type(strategy).__name__
-        raise ForkAfterCudaError(
-            f"{call} with strategy={name!r} forks its worker processes, but CUDA is already initialised "
-            f"in this process (an earlier torch.cuda call, or a model or tensor moved to the GPU) and a "
-            f"forked process cannot use CUDA again. Restart the kernel and start training before anything "
-            f"touches the GPU, or train in a separate process: byol_nb.launch(devices=N, ...) in a "
-            f"notebook, or python -m byol_nb.train --devices N --strategy ddp in a terminal.")
-
-
-def resolve_topology(devices: str, num_nodes: int) -> tuple[int | str, int]:
-    """(devices per node, nodes) for the Trainer: from torchrun when it started this process
-    (``--nproc-per-node``, ``--nnodes``), otherwise from ``--devices`` and ``--num-nodes``.
-
-    Raises ValueError when explicit flags disagree with torchrun, naming both.
-    """
-    requested: int | str = devices if devices == "auto" else int(devices)
-    if not TorchElasticEnvironment.detect():
-        return requested, num_nodes
-    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
-    nodes = int(os.environ["WORLD_SIZE"]) // per_node
-    if requested not in ("auto", 1, per_node) or num_nodes not in (1, nodes):
-        raise ValueError(f"--devices {devices} --num-nodes {num_nodes} disagree with torchrun's "
-                         f"--nproc-per-node {per_node} --nnodes {nodes}: leave --devices and --num-nodes "
-                         f"out under torchrun, they come from torchrun")
-    return per_node, nodes

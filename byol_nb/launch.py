@@ -5,7 +5,8 @@
 Why a subprocess: the training processes own the GPUs (any number, any strategy), while the
 kernel never touches CUDA, so ``ddp_notebook``'s fork restriction, a crashed worker or a CUDA
 out-of-memory cannot break the kernel. This module imports only the standard library: importing
-it (or ``byol_nb``) does not import torch.
+it (or ``byol_nb``) does not import torch: the options are checked against the training script's
+parser (:mod:`byol_nb.config`, standard library only) before any process starts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,78 +23,119 @@ from collections import deque
 from pathlib import Path
 from typing import TextIO
 
+from byol_nb.config import command_line
+
 
 class LaunchError(RuntimeError):
     """The training process failed; the message carries its exit status and last output lines."""
 
 
 def train_command(out: str | Path, **options: object) -> list[str]:
-    """The command line for ``options``: ``max_steps=3`` gives ``--max-steps 3``, ``True`` gives
-    ``--flag``, ``False`` gives ``--no-flag`` (for on/off flags such as ``sync_bn``), None is left out."""
-    command = [sys.executable, "-m", "byol_nb.train", "--out", str(out)]
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            command.append(flag)
-        elif value is False:
-            command.append("--no-" + flag[2:])
-        elif value is not None:
-            command += [flag, str(value)]
-    return command
+    """The command that trains with ``options``: ``python -m byol_nb.train --out OUT ...``, with the
+    options turned into flags by :func:`byol_nb.config.command_line` (``max_steps=3`` gives
+    ``--max-steps 3``) and checked by the training script's own parser. Raises ValueError for an
+    unknown option or a value it refuses, naming the valid options."""
+    return [sys.executable, "-m", "byol_nb.train", "--out", str(out), *command_line(**options)]
 
 
-def launch(out: str | Path = "runs/byol", *, stream: TextIO | None = None, **options: object) -> dict:
+def launch(out: str | Path = "runs/byol", *, stream: TextIO | None = None, show_tracebacks: bool = True,
+           **options: object) -> dict:
     """Train in a new process, stream its output here, and return its ``OUT/metrics.json``.
 
     ``options`` are the flags of ``python -m byol_nb.train`` as keyword arguments (see
-    :func:`train_command`), e.g. ``devices=2, strategy="ddp", accelerator="cpu"``. Output, progress
-    bar included, is copied to ``stream`` (default: this cell's stdout) as it arrives.
-    Interrupting the kernel stops the whole run (every training process) before re-raising.
-    Raises :class:`LaunchError` when the run fails or leaves no new metrics file.
+    :func:`train_command`), e.g. ``devices=2, strategy="ddp", accelerator="cpu"``; an unknown name
+    raises ValueError at once. Output, progress bar included, is copied to ``stream`` (default:
+    this cell's stdout) as it arrives, without Python tracebacks when ``show_tracebacks`` is False,
+    and all of it to ``OUT/launch.log``. Interrupting the kernel stops the whole run (every training
+    process) before re-raising, and so does a run that fails. Raises :class:`LaunchError`, naming
+    the first error and the log, when the run fails or leaves no new metrics file.
     """
-    stream = stream or sys.stdout
     command = train_command(out, **options)
-    metrics_file = Path(out) / "metrics.json"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    metrics_file, log_file = Path(out) / "metrics.json", Path(out) / "launch.log"
     started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    tail: deque[str] = deque(maxlen=30)
-    try:
-        _copy_output(process, stream, tail)
-        status = process.wait()
-    except BaseException:  # KeyboardInterrupt from the notebook's stop button, included
-        _stop(process)
-        raise
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        output = _Output(stream or sys.stdout, log, show_tracebacks)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            while chunk := os.read(process.stdout.fileno(), 65536):
+                output.write(decoder.decode(chunk))
+            status = process.wait()
+        except BaseException:  # KeyboardInterrupt from the notebook's stop button, included
+            _stop(process)
+            raise
     if status != 0:
-        raise LaunchError(f"{' '.join(command)} exited with status {status}; its last lines:\n" + "".join(tail))
+        _stop(process)  # the launcher is gone; its worker processes may not be
+        cause = output.errors[0] if output.errors else f"exit status {status}"
+        raise LaunchError(f"the run failed: {cause}\n(status {status}; the whole output is in {log_file})\n"
+                          f"its last lines:\n" + "".join(output.tail))
     if not metrics_file.is_file() or metrics_file.stat().st_mtime < started:
         raise LaunchError(f"the run ended without writing {metrics_file} (stopped early? see the output above); "
                           f"continue it with launch(..., resume=True)")
     return json.loads(metrics_file.read_text())
 
 
-def _copy_output(process: subprocess.Popen, stream: TextIO, tail: deque[str]) -> None:
-    """Copy bytes as they come (progress bars redraw with carriage returns, not newlines)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    line = ""
-    while chunk := os.read(process.stdout.fileno(), 65536):
-        text = decoder.decode(chunk)
-        stream.write(text)
-        stream.flush()
-        for piece in text.splitlines(keepends=True):
-            line = "" if piece.endswith("\r") else line + piece  # a redrawn progress bar is not kept
-            if line.endswith("\n"):
-                tail.append(line)
-                line = ""
+# torch prefixes the lines of a worker's traceback with its rank: "[rank1]: ..."
+_RANK = r"^(\[rank\d+\]: )?"
+# A line that names an exception, as the last line of a Python traceback does: "ValueError: ...".
+_ERROR_LINE = re.compile(_RANK + r"(\w+\.)*\w*(Error|Exception|Interrupt): ")
+_TRACEBACK_START = re.compile(_RANK + r"(Traceback \(most recent call last\)|During handling of the above|"
+                              r"The above exception was)")
+
+
+class _Output:
+    """A run's output as it arrives: all of it to the log, and to the cell's stream all but the lines
+    of Python tracebacks when they are hidden. Keeps the last lines and every line naming an error.
+
+    Text is passed on line by line, a line ending at a newline or at the carriage return with which
+    a progress bar redraws itself.
+    """
+
+    def __init__(self, stream: TextIO, log: TextIO, show_tracebacks: bool) -> None:
+        self.stream, self.log, self.show_tracebacks = stream, log, show_tracebacks
+        self.tail: deque[str] = deque(maxlen=30)
+        self.errors: list[str] = []
+        self._pending = ""
+        self._in_traceback = False
+
+    def write(self, text: str) -> None:
+        self.log.write(text)
+        self.log.flush()
+        *lines, self._pending = re.split(r"(?<=[\r\n])", self._pending + text)
+        for line in lines:
+            if line.endswith("\n") and self._is_shown(line):
+                self.stream.write(line)
+            elif line.endswith("\r"):
+                self.stream.write(line)  # a progress bar's redraw: never part of a traceback
+        self.stream.flush()
+
+    def _is_shown(self, line: str) -> bool:
+        self.tail.append(line)
+        error = bool(_ERROR_LINE.match(line))
+        if error:
+            self.errors.append(line.strip())
+        if _TRACEBACK_START.match(line):
+            self._in_traceback = True
+        hidden = self._in_traceback and not self.show_tracebacks
+        if error:
+            self._in_traceback = False
+        return not hidden
 
 
 def _stop(process: subprocess.Popen) -> None:
     """SIGTERM to the run's process group (the launcher and its workers), SIGKILL after 30 s."""
-    if process.poll() is not None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:  # every process of the group has ended
         return
-    os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
+        pass
+    try:
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    except ProcessLookupError:
+        pass
+    process.wait()

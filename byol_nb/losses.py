@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
-from byol_nb.distributed import global_mean
+from byol_nb.distributed import global_mean, rank
 
 
 def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
@@ -27,7 +28,8 @@ def symmetric_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tenso
 
     The two directions are summed, as in the paper, not averaged (averaging halves the gradient
     and silently changes the effective learning rate). Per-sample, so it needs no cross-device
-    gather: DDP's gradient averaging already gives the global-batch mean.
+    gather: DDP's gradient averaging gives the global-batch mean (exactly so when BatchNorm, which
+    couples the samples of a batch, is synchronised too).
     """
     return (byol_loss(p1, z2) + byol_loss(p2, z1)).mean()
 
@@ -49,8 +51,13 @@ def multi_crop_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, local: 
 # ---- PixPro: pixel-level losses -----------------------------------------------------------------
 #
 # Feature-map cells are numbered row-major: cell ``r * W + c`` is row ``r`` (top to bottom), column
-# ``c`` (left to right) of an (H, W) map, i.e. the order of ``fmap.flatten(2)``. Every mask and
-# pixel loss below uses that order.
+# ``c`` (left to right) of an (H, W) map, i.e. ``rearrange(fmap, "b c h w -> b c (h w)")``. Every
+# mask and pixel loss below uses that order.
+
+# Pixel contrast: cells of the same image farther apart than this (in cell diagonals) are its
+# negatives; those between the positive threshold and this are neither (the official
+# ``--pixpro-neg-ratio``).
+PIXEL_NEGATIVE_DISTANCE = 1.0
 
 
 def _cell_centres(boxes: Tensor, flips: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,29 +77,37 @@ def _cell_centres(boxes: Tensor, flips: Tensor, size: tuple[int, int]) -> tuple[
     centre_x = ((cols + 0.5) * bin_w + x_start.view(-1, 1, 1)).expand(-1, height, width)
     centre_y = ((rows + 0.5) * bin_h + y0.view(-1, 1, 1)).expand(-1, height, width)
     diagonal = torch.sqrt(bin_w**2 + bin_h**2)
-    return centre_x.reshape(-1, height * width), centre_y.reshape(-1, height * width), diagonal
+    cells = "b h w -> b (h w)"
+    return rearrange(centre_x, cells), rearrange(centre_y, cells), diagonal
 
 
-def positive_pixel_mask(boxes1: Tensor, flips1: Tensor, boxes2: Tensor, flips2: Tensor,
-                        size: tuple[int, int], threshold: float = 0.7) -> Tensor:
-    """PixPro's positive pairs: (B, H*W, H*W) bool, ``[b, i, j]`` True when cell ``i`` of view 1 and
-    cell ``j`` of view 2 of sample ``b`` show nearby points of the original image.
+def cell_distances(boxes1: Tensor, flips1: Tensor, boxes2: Tensor, flips2: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, H*W, H*W): ``[b, i, j]`` is the distance between cell ``i`` of view 1 and cell ``j`` of
+    view 2 of sample ``b``, measured where they lie in the original image, in cell diagonals.
 
     As in the official code (zdaxie/PixPro, ``regression_loss``): each cell's centre is placed in the
-    original image's normalised coordinates through that sample's crop box (a flip reverses x), the
-    distance between every pair of centres is divided by the *larger* of the two views' cell
-    diagonals, and a pair is positive where that is below ``threshold`` (0.7 in the paper).
-
-    Boxes are (B, 4) ``(x0, y0, x1, y1)`` in [0, 1] and flips (B,) bool, as :class:`byol_nb.augment.View`
-    carries them; ``size`` is the feature map's (H, W). Cells are in row-major order (see above).
-    The mask is per sample: it must come from *this* step's boxes, never be shared across a batch.
+    original image's normalised coordinates through that sample's crop box (a flip reverses x), and
+    the distance between every pair of centres is divided by the *larger* of the two views' cell
+    diagonals. Boxes are (B, 4) ``(x0, y0, x1, y1)`` in [0, 1] and flips (B,) bool, as
+    :class:`byol_nb.augment.View` carries them; ``size`` is the feature map's (H, W).
     """
     if boxes1.shape != boxes2.shape or boxes1.ndim != 2 or boxes1.shape[1] != 4:
         raise ValueError(f"boxes must both be (batch, 4); got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}")
     x1, y1, diag1 = _cell_centres(boxes1, flips1.bool(), size)
     x2, y2, diag2 = _cell_centres(boxes2, flips2.bool(), size)
     distance = torch.sqrt((x1.unsqueeze(2) - x2.unsqueeze(1)) ** 2 + (y1.unsqueeze(2) - y2.unsqueeze(1)) ** 2)
-    return distance / torch.max(diag1, diag2) < threshold
+    return distance / torch.max(diag1, diag2)
+
+
+def positive_pixel_mask(boxes1: Tensor, flips1: Tensor, boxes2: Tensor, flips2: Tensor,
+                        size: tuple[int, int], threshold: float = 0.7) -> Tensor:
+    """PixPro's positive pairs: (B, H*W, H*W) bool, ``[b, i, j]`` True when cell ``i`` of view 1 and
+    cell ``j`` of view 2 of sample ``b`` lie closer than ``threshold`` cell diagonals (0.7 in the
+    paper) in the original image (:func:`cell_distances`).
+
+    The mask is per sample: it must come from *this* step's boxes, never be shared across a batch.
+    """
+    return cell_distances(boxes1, flips1, boxes2, flips2, size) < threshold
 
 
 def pixpro_loss(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
@@ -103,10 +118,10 @@ def pixpro_loss(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     An image without a positive pair (the crops do not overlap) contributes 0 and still counts in
     the batch mean, as in the official code; no division by zero. The target is detached.
     """
-    with torch.autocast(prediction.device.type, enabled=False):  # a bf16 bmm would round every cosine
-        p = F.normalize(prediction.flatten(2).float(), dim=1)
-        t = F.normalize(target.detach().flatten(2).float(), dim=1)
-        cosine = torch.bmm(p.transpose(1, 2), t)  # (B, H*W, H*W): [b, i, j] = cos(p_i, t_j)
+    with torch.autocast(prediction.device.type, enabled=False):  # a bf16 product would round every cosine
+        p = F.normalize(rearrange(prediction.float(), "b c h w -> b c (h w)"), dim=1)
+        t = F.normalize(rearrange(target.detach().float(), "b c h w -> b c (h w)"), dim=1)
+        cosine = torch.einsum("bci,bcj->bij", p, t)  # [b, i, j] = cos(p_i, t_j)
     weights = mask.to(cosine.dtype)
     per_image = (cosine * weights).sum((1, 2)) / weights.sum((1, 2)).clamp_min(1)
     return -2 * per_image.mean()
@@ -121,43 +136,55 @@ def symmetric_pixpro_loss(y1: Tensor, y2: Tensor, t1: Tensor, t2: Tensor, mask: 
     return pixpro_loss(y1, t2, mask) + pixpro_loss(y2, t1, mask.transpose(1, 2))
 
 
-def pixel_contrast_loss(queries: Tensor, keys: Tensor, mask: Tensor, temperature: float = 0.3,
-                        all_keys: Tensor | None = None) -> Tensor:
+def pixel_contrast_loss(queries: Tensor, keys: Tensor, distance: Tensor, temperature: float = 0.3,
+                        all_keys: Tensor | None = None, positive_below: float = 0.7,
+                        negative_above: float = PIXEL_NEGATIVE_DISTANCE, offset: int | None = None) -> Tensor:
     """PixContrast (InfoNCE over pixels), one direction, averaged over query pixels with a positive.
 
-    For query pixel ``i`` of image ``b`` (online, view 1) the positives are the key pixels ``j`` of
-    the *same* image's other view with ``mask[b, i, j]``; the denominator runs over every key pixel
-    of ``all_keys`` (the global batch: positives and every other pixel, of this image and all
-    others)::
+    For query pixel ``i`` of image ``b`` (online, view 1), with ``d = distance[b, i, j]`` to key
+    pixel ``j`` of the same image's other view (:func:`cell_distances`): the positives are the keys
+    with ``d < positive_below``; the negatives are those with ``d > negative_above`` and every key
+    pixel of every other image; keys in between are neither (as in the official code)::
 
-        loss_i = -log( sum_{j positive} e^{cos(q_i, k_j) / T} / sum_{every key k} e^{cos(q_i, k) / T} )
+        loss_i = -log( sum_{j positive} e^{cos(q_i, k_j) / T} / sum_{k positive or negative} e^{cos(q_i, k) / T} )
 
-    ``queries``/``keys`` are this process's (B, C, H, W) tensors and ``mask`` (B, H*W, H*W) is local
-    too. ``all_keys`` (M, C, H, W), gathered from every process and *including* this one's keys,
-    only widens the denominator: the mask never touches another process's features. Without it the
-    negatives are this process's batch. Keys are detached (they come from the target network).
-    Query pixels without any positive are left out of the mean, whose count is global across
-    processes (:func:`byol_nb.distributed.global_mean`); a batch with none gives 0.
+    ``queries``/``keys`` are this process's (B, C, H, W) tensors and ``distance`` (B, H*W, H*W) is
+    local too. ``all_keys`` (M, C, H, W), gathered from every process and *including* this one's
+    keys (from row ``offset``, by default ``rank x B`` as :func:`byol_nb.distributed.gather_with_grad`
+    stacks them), only widens the set of negatives. Keys are detached (they come from the target
+    network). Query pixels without any positive are left out of the mean, whose count is global
+    across processes (:func:`byol_nb.distributed.global_mean`); a batch with none gives 0.
     """
-    batch, channels = queries.shape[:2]
+    batch, cells = queries.shape[0], distance.shape[-1]
+    if all_keys is None:
+        all_keys, offset = keys, 0
+    elif offset is None:
+        offset = rank() * batch
+    positive = rearrange(distance < positive_below, "b i j -> b i 1 j")
+    neutral = rearrange(distance <= negative_above, "b i j -> b i 1 j") & ~positive
+    # own[b, 0, m, 0]: image m of the key bank is image b itself (its other view)
+    bank_images = torch.arange(len(all_keys), device=queries.device)
+    own = rearrange(bank_images == torch.arange(batch, device=queries.device).unsqueeze(1) + offset,
+                    "b m -> b 1 m 1")
     with torch.autocast(queries.device.type, enabled=False):  # logits and logsumexp in fp32, also under bf16
-        q = F.normalize(queries.flatten(2).float(), dim=1).transpose(1, 2)  # (B, N, C)
-        k = F.normalize(keys.detach().flatten(2).float(), dim=1)  # (B, C, N)
-        pool = keys if all_keys is None else all_keys
-        bank = F.normalize(pool.detach().flatten(2).float(), dim=1).transpose(1, 2).reshape(-1, channels)
-        positive_logits = torch.bmm(q, k) / temperature
+        q = F.normalize(rearrange(queries.float(), "b c h w -> b (h w) c"), dim=-1)
+        bank = F.normalize(rearrange(all_keys.detach().float(), "m c h w -> (m h w) c"), dim=-1)
+        logits = rearrange(q @ bank.T / temperature, "b i (m j) -> b i m j", j=cells)  # cos(q_bi, k_mj) / T
         # A large finite fill keeps rows without positives finite in the forward *and* backward pass.
-        log_numerator = positive_logits.masked_fill(~mask, torch.finfo(q.dtype).min).logsumexp(-1)
-        log_denominator = (q.reshape(-1, channels) @ bank.T / temperature).logsumexp(-1).view(batch, -1)
-    has_positive = mask.any(-1)
+        fill = torch.finfo(q.dtype).min
+        log_numerator = rearrange(logits.masked_fill(~(own & positive), fill), "b i m j -> b i (m j)").logsumexp(-1)
+        log_denominator = rearrange(logits.masked_fill(own & neutral, fill), "b i m j -> b i (m j)").logsumexp(-1)
+    has_positive = (distance < positive_below).any(-1)
     per_pixel = torch.where(has_positive, log_denominator - log_numerator, torch.zeros_like(log_numerator))
     # The number of query pixels with a positive differs between processes: divide by the global count.
     return global_mean(per_pixel.sum(), has_positive.sum())
 
 
-def symmetric_pixel_contrast_loss(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, mask: Tensor,
+def symmetric_pixel_contrast_loss(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, distance: Tensor,
                                   temperature: float = 0.3, all_k1: Tensor | None = None,
-                                  all_k2: Tensor | None = None) -> Tensor:
-    """Pixel contrast in both directions (view 1 queries against view 2 keys, and the reverse), summed."""
-    return (pixel_contrast_loss(q1, k2, mask, temperature, all_k2)
-            + pixel_contrast_loss(q2, k1, mask.transpose(1, 2), temperature, all_k1))
+                                  all_k2: Tensor | None = None, positive_below: float = 0.7,
+                                  offset: int | None = None) -> Tensor:
+    """Pixel contrast in both directions (view 1 queries against view 2 keys, and the reverse), summed.
+    ``distance`` is view 1 -> view 2 (:func:`cell_distances`); the reverse uses its transpose."""
+    return (pixel_contrast_loss(q1, k2, distance, temperature, all_k2, positive_below, offset=offset)
+            + pixel_contrast_loss(q2, k1, distance.transpose(1, 2), temperature, all_k1, positive_below, offset=offset))

@@ -9,9 +9,9 @@ watch what happens in a minute on a CPU::
     nets, history = train_minimal(images, steps=50, use_ema=False)        # target = online copy
 
 ``history`` holds, per step, the loss, the momentum tau and the spread of the online projections
-(``collapse_std``, :meth:`byol_nb.module.BYOLModule.collapse_std`: about 1 for embeddings spread
-over the sphere, 0 when every image lands on the same point); with ``monitor`` also the kNN
-accuracy of the backbone (``knn_step``, ``knn``), as the Lightning trainer logs them.
+(:func:`byol_nb.metrics.collapse_std`: about 1 for embeddings spread over the sphere, 0 when every
+image lands on the same point); with ``monitor`` also the kNN accuracy of the backbone
+(``knn_step``, ``knn``), as the Lightning trainer logs them.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from torch.utils.data import Dataset
 
 from byol_nb.augment import AugmentConfig, TwoViewAugment
 from byol_nb.ema import cosine_momentum, ema_update_
-from byol_nb.evaluate import extract_features, knn_top1
-from byol_nb.losses import symmetric_byol_loss
+from byol_nb.evaluate import extract_features
+from byol_nb.metrics import collapse_std, knn_top1
 from byol_nb.models import Backbone, BYOLNetworks
-from byol_nb.module import BYOLModule
 
 
 def byol_step(nets: BYOLNetworks, augment: TwoViewAugment, images: Tensor, use_predictor: bool = True,
@@ -37,14 +36,8 @@ def byol_step(nets: BYOLNetworks, augment: TwoViewAugment, images: Tensor, use_p
     Without the predictor, view 1's projection must match view 2's target projection directly.
     """
     view1, view2 = augment(images, seed=seed)
-    both = torch.cat([view1.images, view2.images])
-    _, projection = nets.online(both)
-    prediction = nets.predictor(projection) if use_predictor else projection
-    with torch.no_grad():
-        _, target = nets.target(both)
-    p1, p2 = prediction.chunk(2)
-    z1, z2 = target.chunk(2)
-    return symmetric_byol_loss(p1, p2, z1, z2), projection
+    outputs = nets(torch.cat([view1.images, view2.images]))
+    return nets.instance_loss(outputs, use_predictor=use_predictor), outputs.projection
 
 
 def train_minimal(images: Tensor, steps: int, batch_size: int = 32, *, use_predictor: bool = True,
@@ -95,7 +88,7 @@ def train_minimal(images: Tensor, steps: int, batch_size: int = 32, *, use_predi
         tau = cosine_momentum(step, steps, tau_base) if use_ema else 0.0
         ema_update_(nets.target, nets.online, tau)
         history["loss"].append(loss.item())
-        history["collapse_std"].append(BYOLModule.collapse_std(projection.detach()).item())
+        history["collapse_std"].append(collapse_std(projection.detach()).item())
         history["tau"].append(tau)
         if monitor is not None and ((step + 1) % monitor_every == 0 or step + 1 == steps):
             score(step + 1)

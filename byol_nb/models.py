@@ -1,23 +1,26 @@
 """Networks: a ResNet backbone that gives a pooled vector *and* a feature map, BYOL's MLP heads,
-PixPro's pixel projector and Pixel Propagation Module, and the online/target pair.
+PixPro's pixel projector and Pixel Propagation Module, and the online/target pair with the one
+forward pass and instance loss that every trainer here shares.
 
 The target network is a real, separate copy (``copy.deepcopy``) whose parameters never receive
 gradients; it only moves through :func:`byol_nb.ema.ema_update_`. All heads are built in
-``__init__``, before any optimizer or DDP wrapper exists, so they are trained and synchronised.
+``__init__``, before any optimizer or DDP wrapper exists, so they are trained and synchronised,
+and only the heads a method uses are built: DDP waits for a gradient of every parameter.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 import torchvision
+from einops import rearrange
 from torch import Tensor, nn
 
-from byol_nb.matmul_conv import use_matmul_convs
-
-BACKBONES = ("resnet18", "resnet34", "resnet50")
+from byol_nb.config import BACKBONES, PIXEL_METHODS, feature_map_side
+from byol_nb.losses import multi_crop_byol_loss
 
 
 class Backbone(nn.Module):
@@ -25,8 +28,6 @@ class Backbone(nn.Module):
 
     ``small_stem`` swaps the 7x7/2 convolution and the max-pool for one 3x3/1 convolution, the usual
     change for 32-64 px images (the feature map is then 8x smaller than the input instead of 32x).
-    Its convolutions are :class:`byol_nb.matmul_conv.MatmulConv2d`: on the CPU, those with tiny
-    outputs (the last stages on small images) run as one matrix multiply, 2x faster per step.
     """
 
     def __init__(self, name: str = "resnet18", small_stem: bool = False, pretrained: bool = False) -> None:
@@ -42,20 +43,14 @@ class Backbone(nn.Module):
         self.dim = resnet.fc.in_features
         self.body = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
                                   resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
-        use_matmul_convs(self.body)
 
     def stride(self) -> int:
         """Input pixels per feature-map cell."""
-        return self.stride_of(self.small_stem)
+        return 8 if self.small_stem else 32
 
-    @staticmethod
-    def stride_of(small_stem: bool) -> int:
-        return 8 if small_stem else 32
-
-    @classmethod
-    def feature_side(cls, image_size: int, small_stem: bool) -> int:
-        """Side of the feature map of a square ``image_size`` input (each stride-2 layer rounds up)."""
-        return -(-image_size // cls.stride_of(small_stem))
+    def feature_side(self, image_size: int) -> int:
+        """Side of the feature map of a square ``image_size`` input."""
+        return feature_map_side(image_size, self.small_stem)
 
     def feature_map(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) -> (B, dim, S / stride, S / stride)."""
@@ -109,12 +104,12 @@ class PixelPropagation(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W), unit length at every cell."""
-        batch, channels, height, width = x.shape
-        values = F.normalize(self.transform(x), dim=1).flatten(2)  # (B, C, N)
-        unit = F.normalize(x, dim=1).flatten(2)
-        similarity = torch.bmm(unit.transpose(1, 2), unit).clamp(min=0) ** self.gamma  # (B, N, N)
-        propagated = torch.bmm(values, similarity.transpose(1, 2))  # [:, :, i] = sum_j s_ij g(x_j)
-        return F.normalize(propagated, dim=1).view(batch, channels, height, width)
+        height, width = x.shape[-2:]
+        values = rearrange(F.normalize(self.transform(x), dim=1), "b c h w -> b c (h w)")  # g(x_j)
+        unit = rearrange(F.normalize(x, dim=1), "b c h w -> b c (h w)")
+        similarity = torch.einsum("bci,bcj->bij", unit, unit).clamp(min=0) ** self.gamma  # s_ij
+        propagated = torch.einsum("bij,bcj->bci", similarity, values)  # y_i = sum_j s_ij g(x_j)
+        return rearrange(F.normalize(propagated, dim=1), "b c (h w) -> b c h w", h=height, w=width)
 
 
 class Encoder(nn.Module):
@@ -131,23 +126,33 @@ class Encoder(nn.Module):
         self.pixel_projector = PixelProjector(backbone.dim, hidden_dim, out_dim) if pixel else None
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (feature map, projection)."""
+        """Returns (feature map, projection of the pooled features)."""
         fmap = self.backbone.feature_map(images)
         return fmap, self.projector(fmap.mean(dim=(2, 3)))
+
+
+class Outputs(NamedTuple):
+    """Both networks' outputs for a batch of views (every view of the batch stacked on dim 0)."""
+
+    fmap: Tensor  # online feature maps (N, dim, H, W)
+    projection: Tensor  # online projections (N, out_dim)
+    target_fmap: Tensor  # target feature maps, no gradient
+    target: Tensor  # target projections, no gradient
 
 
 class BYOLNetworks(nn.Module):
     """Online encoder + predictor, and the target encoder (an EMA copy of the online one).
 
-    ``pixel=True`` adds PixPro's pixel projector to both encoders and the online-only PPM
-    (``propagation``), the pixel branch's counterpart of the predictor.
+    ``method`` decides the pixel heads: the pixel methods add PixPro's pixel projector to both
+    encoders, and ``pixpro`` adds the online-only PPM (``propagation``), the pixel branch's
+    counterpart of the predictor. Pixel contrast compares the pixel projections directly.
     """
 
-    def __init__(self, backbone: Backbone, hidden_dim: int = 4096, out_dim: int = 256, pixel: bool = False) -> None:
+    def __init__(self, backbone: Backbone, hidden_dim: int = 4096, out_dim: int = 256, method: str = "byol") -> None:
         super().__init__()
-        self.online = Encoder(backbone, hidden_dim, out_dim, pixel=pixel)
+        self.online = Encoder(backbone, hidden_dim, out_dim, pixel=method in PIXEL_METHODS)
         self.predictor = MLP(out_dim, hidden_dim, out_dim)
-        self.propagation = PixelPropagation(out_dim) if pixel else None
+        self.propagation = PixelPropagation(out_dim) if method == "pixpro" else None
         self.target = copy.deepcopy(self.online)
         self.target.requires_grad_(False)
         for module in self.target.modules():
@@ -159,3 +164,25 @@ class BYOLNetworks(nn.Module):
     @property
     def backbone(self) -> Backbone:
         return self.online.backbone
+
+    def forward(self, views: Tensor) -> Outputs:
+        """The views of a batch (stacked on dim 0) through the online and the target network, one
+        forward pass each, so that BatchNorm sees every view of the batch together."""
+        fmap, projection = self.online(views)
+        with torch.no_grad():
+            target_fmap, target = self.target(views)
+        return Outputs(fmap, projection, target_fmap, target)
+
+    def instance_loss(self, outputs: Outputs, local: Sequence[Tensor] = (), use_predictor: bool = True) -> Tensor:
+        """BYOL's loss for :meth:`forward`'s outputs of the two views: each view's prediction
+        against the other view's target projection, summed (``byol_nb.losses``).
+
+        ``local``: the online projections of each extra multi-crop view, which predict both main
+        views' targets (through the predictor in one pass, as the module computes them). ``use_predictor=False`` compares the online projection with the target
+        directly (the collapse ablation of lesson 02).
+        """
+        predict = self.predictor if use_predictor else nn.Identity()
+        p1, p2 = predict(outputs.projection).chunk(2)
+        z1, z2 = outputs.target.chunk(2)
+        local_predictions = predict(torch.cat(list(local))).chunk(len(local)) if local else ()
+        return multi_crop_byol_loss(p1, p2, z1, z2, local_predictions)

@@ -7,11 +7,18 @@ SIGKILL is the steps since the last save. SIGTERM (pre-emption) and SIGUSR1 (SLU
 before the time limit, ``#SBATCH --signal=USR1@120``) lose nothing: the step in flight finishes,
 ``last.ckpt`` is written, and the process exits cleanly with status 0. After SIGUSR1 under SLURM
 the job is also put back in the queue (``scontrol requeue``), to continue with ``--resume``.
+
+What Lightning provides and what it lacks: Lightning writes checkpoints and restores its loops
+from them (``trainer.save_checkpoint``, ``fit(ckpt_path=...)``), and its CSV logger writes the
+curves. It has no *exact mid-epoch* resume: its own SLURM handler (``SLURMEnvironment(
+auto_requeue=True)``) saves from inside the signal handler, in the middle of a step, to a file
+``--resume`` does not read. So the signals are handled here, at step boundaries, and Lightning's
+handler is switched off (``auto_requeue=False`` in ``byol_nb.train``). Lightning's CSV logger
+starts a new file in each attempt of a run; :func:`byol_nb.viz.read_metrics` joins them.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -20,12 +27,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+LOGS = "logs"
 
 
 class LastCheckpoint(pl.Callback):
@@ -35,13 +41,15 @@ class LastCheckpoint(pl.Callback):
     Saving happens at the end of a training batch, a point Lightning's loops restore exactly.
     The stop decision is shared by all processes (any rank's signal stops every rank at the
     same step), since a signal may reach only one of them (``kill`` of the launching process).
-    ``stopped_by`` names the signal afterwards, or is None when training ran to its end.
+    With several processes they agree every ``poll_every`` steps (one small all-reduce), so a
+    signal is acted on within that many steps. ``stopped_by`` names the signal afterwards, or is
+    None when training ran to its end.
     """
 
-    def __init__(self, path: str | Path, every_n_steps: int) -> None:
-        if every_n_steps <= 0:
-            raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
-        self.path, self.every_n_steps = Path(path), every_n_steps
+    def __init__(self, path: str | Path, every_n_steps: int, poll_every: int = 10) -> None:
+        if every_n_steps <= 0 or poll_every <= 0:
+            raise ValueError(f"every_n_steps and poll_every must be positive, got {every_n_steps}, {poll_every}")
+        self.path, self.every_n_steps, self.poll_every = Path(path), every_n_steps, poll_every
         self.stopped_by: str | None = None
         self._received = 0
         self._saved_step = -1
@@ -57,10 +65,17 @@ class LastCheckpoint(pl.Callback):
     def _on_signal(self, signum: int, frame: object) -> None:
         self._received = int(signum)  # acted on at the end of the current step
 
+    def _signal_of_any_process(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        if trainer.world_size == 1:
+            return self._received
+        if trainer.global_step % self.poll_every:
+            return 0
+        received = torch.tensor(self._received, device=pl_module.device)
+        return int(trainer.strategy.reduce(received, reduce_op=torch.distributed.ReduceOp.MAX))
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        received = torch.tensor(self._received, device=pl_module.device)
-        signum = int(trainer.strategy.reduce(received, reduce_op=torch.distributed.ReduceOp.MAX))
+        signum = self._signal_of_any_process(trainer, pl_module)
         if signum or trainer.global_step % self.every_n_steps == 0:
             self._save(trainer)
         if signum:
@@ -99,44 +114,13 @@ def requeue_slurm_job() -> bool:
     return result.returncode == 0
 
 
-class _HistoryKeepingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing metrics.csv; this one keeps its rows before
-    ``resume_step`` (those after it are replayed by the resumed run, so they would be doubled)."""
-
-    def __init__(self, log_dir: str, resume_step: int) -> None:
-        self.resume_step = resume_step
-        super().__init__(log_dir)
-
-    def _check_log_dir_exists(self) -> None:
-        if not self._fs.isfile(self.metrics_file_path):
-            return
-        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-            reader = csv.DictReader(file)
-            rows = [row for row in reader if int(row.get("step") or 0) < self.resume_step]
-            keys = list(reader.fieldnames or [])
-        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        self.metrics_keys = sorted(keys)
-
-
-class ResumableCSVLogger(CSVLogger):
-    """A CSVLogger whose curves survive a resume: with ``resume_step`` (the checkpoint's global
-    step) the history before the interruption stays in metrics.csv and the run appends to it.
-
-    Use it with ``flush_logs_every_n_steps=1``: rows still in memory die with a SIGKILL, and the
-    resumed run does not log the steps before its checkpoint again."""
-
-    def __init__(self, *args, resume_step: int | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.resume_step = resume_step
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = (ExperimentWriter(self.log_dir) if self.resume_step is None
-                                else _HistoryKeepingWriter(self.log_dir, self.resume_step))
-        return self._experiment
+def attempt_logger(out: Path, resume_step: int | None) -> CSVLogger:
+    """Lightning's CSV logger for this attempt of the run in ``out``: OUT/logs/from_step_<k>/metrics.csv,
+    where ``k`` is the global step it starts from (0 for a fresh run, whose start removes the logs
+    of an earlier run in the same folder). A resumed attempt writes a file of its own, and the
+    earlier attempts' files stay as they are."""
+    if resume_step is None:
+        for old in (out / LOGS).glob("from_step_*/metrics.csv"):
+            old.unlink()
+        resume_step = 0
+    return CSVLogger(out, name=LOGS, version=f"from_step_{resume_step:08d}", flush_logs_every_n_steps=1)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from hypothesis import settings
 
-from byol_nb.optim import check_compiler
 from byol_nb.shapes import generate_shapes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,17 +40,3 @@ def cifar_subset() -> Path:
         with tarfile.open(CIFAR_TAR) as tar:
             tar.extractall(CIFAR_DIR.parent, filter="data")
     return CIFAR_DIR
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cpp_compiler`` (torch.compile on the CPU) run last, and skip where no C++
-    compiler is found. Last, because once a process has compiled something and then run a
-    backward pass, autograd refuses to run in children it forks, which the DDP tests do."""
-    items.sort(key=lambda item: "cpp_compiler" in item.keywords)  # stable: the rest keep their order
-    try:
-        check_compiler()
-    except RuntimeError as error:
-        skip = pytest.mark.skip(reason=str(error))
-        for item in items:
-            if "cpp_compiler" in item.keywords:
-                item.add_marker(skip)

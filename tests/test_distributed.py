@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,19 +23,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import byol_nb
+from byol_nb.config import TrainConfig
 from byol_nb.data import SSLDataModule
-from byol_nb.distributed import (ForkAfterCudaError, check_fork_safe, convert_sync_batchnorm, gather_with_grad,
-                                 global_mean, rank, resolve_topology, world_size)
-from byol_nb.module import BYOLModule, TrainConfig
+from byol_nb.devices import check_fork_safe, resolve_topology
+from byol_nb.distributed import convert_sync_batchnorm, gather_with_grad, global_mean, rank, world_size
+from byol_nb.module import BYOLModule
+from tests.helpers import TORCHRUN, free_port, run_env, train_flags
 
 WORLD = 2
 BATCH = 4  # per process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_processes(fn, *args) -> None:
@@ -81,7 +74,8 @@ def info_nce(queries: Tensor, keys: Tensor, all_keys: Tensor, temperature: float
 
 
 class OwnSliceGather(torch.autograd.Function):
-    """The broken gather (trap 4): backward returns only this process's slice of *its own* gradient."""
+    """The broken gather of several public implementations: backward returns only this process's
+    slice of *its own* gradient, dropping the other processes' terms."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -205,17 +199,6 @@ def test_single_process_helpers_are_the_identity() -> None:
     assert global_mean(torch.tensor(6.0), torch.tensor(3)).item() == 2.0
 
 
-def test_fork_guard_names_the_call_and_the_remedy(monkeypatch: pytest.MonkeyPatch) -> None:
-    check_fork_safe("ddp_notebook")  # no CUDA here: nothing to say
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # the state after a torch.cuda call
-    with pytest.raises(ForkAfterCudaError) as error:
-        check_fork_safe("ddp_notebook")
-    message = str(error.value)
-    assert "trainer.fit" in message and "ddp_notebook" in message
-    assert "Restart the kernel" in message and "byol_nb.launch" in message
-    check_fork_safe("ddp")  # new interpreters (subprocess launcher) are not affected
-
-
 def test_topology_comes_from_torchrun_when_it_started_us(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_topology("2", 1) == (2, 1)
     for name, value in {"RANK": "3", "GROUP_RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
@@ -227,20 +210,6 @@ def test_topology_comes_from_torchrun_when_it_started_us(monkeypatch: pytest.Mon
 
 
 # ---- launch paths: real 2-process training runs ------------------------------------------------
-
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-
-
-def train_flags(shapes: Path, out: Path, steps: int = 3) -> list[str]:
-    return ["--data", str(shapes / "train"), "--val-data", str(shapes / "test"), "--max-steps", str(steps),
-            "--proj-hidden", "64", "--batch-size", "8", "--accelerator", "cpu",
-            "--local-views", "1",  # a second online forward per step, with SyncBN across the processes
-            "--no-progress", "--out", str(out)]
-
-
-def run_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
 
 def assert_run_like_one_process(out: Path, reference: dict, world: int = WORLD) -> dict:
     """A checkpoint, and metrics.json with the keys of a one-process run."""
@@ -300,42 +269,6 @@ def test_two_nodes_on_loopback_train_together(tiny_shapes: Path, tmp_path: Path,
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert_run_like_one_process(tmp_path / "node0", one_process_metrics)
     assert not list((tmp_path / "node1").glob("*.ckpt")) and not (tmp_path / "node1" / "metrics.json").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
-def test_a_failing_process_ends_the_whole_job(tiny_shapes: Path, tmp_path: Path, launcher: str) -> None:
-    """Process 1 raises at step 1 (BYOL_NB_FAIL_AT_STEP): the job exits non-zero with that error
-    within a minute, and leaves no training process behind."""
-    flags = train_flags(tiny_shapes, tmp_path)
-    command = ([sys.executable, "-m", "byol_nb.train", "--devices", "2", "--strategy", "ddp", *flags]
-               if launcher == "lightning" else
-               [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "byol_nb.train", *flags])
-    process = subprocess.Popen(command, env=run_env(BYOL_NB_FAIL_AT_STEP="1"), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output = process.communicate(timeout=60 + 30)[0]  # + start-up of the interpreters on a busy machine
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode != 0
-    assert "BYOL_NB_FAIL_AT_STEP=1: injected failure in process 1 of 2" in output
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
-    assert leftovers == [], f"processes left running: {leftovers}"
-
-
-@pytest.mark.slow
-def test_script_refuses_ddp_notebook_after_cuda_at_once(tiny_shapes: Path, tmp_path: Path) -> None:
-    """The state of a kernel that already used the GPU, simulated: torch.cuda reports initialised."""
-    script = ("import sys, torch; torch.cuda.is_initialized = lambda: True\n"
-              "from byol_nb.train import main\n"
-              f"main({['--strategy', 'ddp_notebook', '--devices', '2', *train_flags(tiny_shapes, tmp_path)]!r})")
-    result = subprocess.run([sys.executable, "-c", script], env=run_env(), capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode != 0
-    assert "python -m byol_nb.train --strategy ddp_notebook with strategy='ddp_notebook'" in result.stderr
-    assert "Restart the kernel" in result.stderr
-    assert not (tmp_path / "last.ckpt").exists()
 
 
 class Recorder(pl.Callback):

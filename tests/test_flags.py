@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from byol_nb import train
+from byol_nb import config, devices, train
 from byol_nb.data import DataError, SSLDataModule
 
 
@@ -38,7 +38,8 @@ def _stop(tmp_path, *flags: str) -> str:
     (["--jitter", "0.4", "0.4", "0.4", "0.7"], "hue at most 0.5"),
     (["--jitter", "-0.1", "0.4", "0.4", "0.1"], "--jitter strengths must be 0 or more"),
     (["--grayscale-p", "1.5"], "--grayscale-p is a probability"),
-    (["--method", "pixpro", "--image-size", "32"], "needs a feature map of at least 2x2 cells"),
+    (["--method", "pixpro", "--image-size", "32"], "needs a feature map of at least 4x4 cells"),
+    (["--dist-timeout", "0"], "--dist-timeout must be positive, got 0"),
     (["--local-views", "-1"], "--local-views must be 0 or more, got -1"),
     (["--local-views", "2", "--local-size", "0"], "--local-size must be positive, got 0"),
     (["--local-views", "2", "--local-size", "40"], "--local-size must be between 8 and --image-size (32), got 40"),
@@ -48,19 +49,6 @@ def _stop(tmp_path, *flags: str) -> str:
 def test_bad_value_gets_its_message(tmp_path, flags, expected):
     assert expected in _stop(tmp_path, *flags)
     assert not (tmp_path / "out").exists(), "a rejected run must not create its output folder"
-
-
-def test_compile_without_a_cpp_compiler(tmp_path, monkeypatch):
-    """--compile on a CPU machine without g++/clang stops before training, naming both ways out."""
-    from torch._inductor import cpp_builder, exc
-
-    def no_compiler() -> str:
-        raise exc.InvalidCxxCompiler()
-
-    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
-    message = _stop(tmp_path, "--compile")
-    assert "--compile needs a C++ compiler" in message and "drop --compile" in message
-    assert not (tmp_path / "out").exists()
 
 
 def test_gpu_flag_without_gpu(tmp_path, monkeypatch):
@@ -73,6 +61,17 @@ def test_more_devices_than_the_machine_has(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert "--devices 4 but this machine has 2 GPU(s): use --devices 2 or fewer" in _stop(
         tmp_path, "--accelerator", "gpu", "--devices", "4")
+
+
+def test_more_cpu_processes_than_cores_stop_at_once(tmp_path, monkeypatch):
+    """64 CPU processes on a 2-core machine would start a 64-member process group and hang."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(devices, "cpu_cores", lambda: 2)
+    message = _stop(tmp_path, "--devices", "64")
+    assert "--devices 64 starts 64 CPU processes, but this process may use 2 CPU core(s): use --devices 2" in message
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", str(tmp_path / "o"), "--accelerator", "auto", "--devices", "3"])
+    train.parse_args(["--out", str(tmp_path / "o"), "--accelerator", "cpu", "--devices", "2"])
 
 
 def test_output_folder_that_cannot_be_written(tmp_path):
@@ -108,15 +107,15 @@ def test_batch_larger_than_each_process_share_of_the_data(tiny_shapes):
         datamodule.setup("fit")
 
 
-SHAPES = train.DATA_DEFAULTS["shapes"]
-PLAIN = train.TrainConfig()
+SHAPES = config.DATA_DEFAULTS["shapes"]
+PLAIN = config.TrainConfig()
 
 
 @pytest.mark.parametrize("flags, expected", [
     (["--data", "shapes"], dict(jitter=SHAPES["jitter"], local_views=SHAPES["local_views"], tau_base=SHAPES["tau_base"],
                                 weight_decay=SHAPES["weight_decay"], max_epochs=SHAPES["max_epochs"])),
     (["--data", "some/photos"], dict(jitter=PLAIN.jitter, local_views=PLAIN.local_views, tau_base=PLAIN.tau_base,
-                                     weight_decay=PLAIN.weight_decay, max_epochs=train.DEFAULT_EPOCHS)),
+                                     weight_decay=PLAIN.weight_decay, max_epochs=config.DEFAULT_EPOCHS)),
     (["--data", "shapes", "--jitter", "0.1", "0.2", "0.3", "0.4"], dict(jitter=(0.1, 0.2, 0.3, 0.4))),
     (["--data", "shapes", "--local-views", "0", "--tau-base", "0.9", "--weight-decay", "0"],
      dict(local_views=0, tau_base=0.9, weight_decay=0.0, jitter=SHAPES["jitter"])),
@@ -125,23 +124,26 @@ PLAIN = train.TrainConfig()
     (["--data", "shapes", "--method", "pixpro", "--small-stem"], dict(local_views=0, tau_base=SHAPES["tau_base"])),
 ])
 def test_defaults_depend_on_the_data_and_a_given_flag_wins(flags, expected):
-    args = train.build_parser().parse_args(flags)
-    train.apply_data_defaults(args)
+    args = config.build_parser().parse_args(flags)
+    config.apply_data_defaults(args)
     for name, value in expected.items():
         assert getattr(args, name) == (tuple(value) if name == "jitter" else value), name
-    train.check_config(train.config_from_args(args))
-    assert isinstance(train.config_from_args(args).jitter, tuple)
-    assert all(SHAPES[name] != getattr(PLAIN, name) for name in train.PRESET_FLAGS)
+    config.check_config(config.config_from_args(args))
+    assert isinstance(config.config_from_args(args).jitter, tuple)
+    assert all(SHAPES[name] != getattr(PLAIN, name) for name in config.PRESET_FLAGS)
 
 
-@pytest.mark.parametrize("amx, avx512_bf16, expected", [
-    (True, True, "bf16-mixed"), (False, True, "bf16-mixed"),  # Xeon with AMX; EPYC (Zen 4/5) without
-    (False, False, "32-true"),
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse avx2 fma", "32-true"),  # an AVX2 CPU: bf16 would be emulated, slower than fp32
+    ("fpu avx2 avx512f avx512_bf16", "bf16-mixed"),  # AMD Zen 4/5
+    ("fpu avx2 avx512f amx_tile amx_bf16", "bf16-mixed"),  # Intel Xeon with AMX
 ])
-def test_auto_precision_is_bf16_on_cpus_with_bf16_instructions(monkeypatch, amx, avx512_bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    assert train.resolve_precision("auto", "auto") == expected
-    assert train.resolve_precision("auto", "cpu") == expected
-    assert train.resolve_precision("32", "cpu") == "32"  # a given precision is kept
+def test_auto_precision_on_a_cpu_is_bf16_only_with_bf16_instructions(monkeypatch, tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
+    real = devices.cpu_has_bf16
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: real(cpuinfo))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert devices.resolve_precision("auto", "auto") == expected
+    assert devices.resolve_precision("auto", "cpu") == expected
+    assert devices.resolve_precision("32", "cpu") == "32"  # a given precision is kept

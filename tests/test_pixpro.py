@@ -1,5 +1,6 @@
 """PixPro's pixel branch: positive pairs against a slow loop, PPM and losses against hand
-computations, gradients, per-sample masks (DESIGN.md trap 8), training and the segmentation probe."""
+computations, gradients, masks computed per sample from each step's own views, training and the
+segmentation probe."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from byol_nb import train
 from byol_nb.augment import AugmentConfig, TwoViewAugment, sample_crop_boxes
 from byol_nb.checkpoint import save_backbone
 from byol_nb.ema import ema_update_
+from byol_nb.config import TrainConfig
 from byol_nb.evaluate import main as evaluate_main
-from byol_nb.evaluate import segmentation_probe_miou
-from byol_nb.losses import (pixel_contrast_loss, pixpro_loss, positive_pixel_mask, symmetric_pixel_contrast_loss,
-                            symmetric_pixpro_loss)
+from byol_nb.losses import cell_distances, pixel_contrast_loss, pixpro_loss, positive_pixel_mask, symmetric_pixpro_loss
+from byol_nb.metrics import segmentation_probe_miou
 from byol_nb.models import Backbone, BYOLNetworks, PixelPropagation
-from byol_nb.module import BYOLModule, TrainConfig
-from byol_nb.viz import feature_pca_rgb, plot_positive_pairs
+from byol_nb.module import BYOLModule
+from byol_nb.viz import cell_similarity, feature_pca_rgb, plot_cell_similarity, plot_positive_pairs
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--proj-hidden", "64", "--no-progress", "--accelerator", "cpu"]
 
@@ -87,7 +88,7 @@ def test_mask_with_full_overlap_pairs_each_cell_with_itself():
     assert torch.equal(mirrored, expected)
 
 
-def test_mask_is_per_sample_trap8():
+def test_mask_is_computed_per_sample():
     boxes1 = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
     boxes2 = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]])
     flips = torch.tensor([False, False])
@@ -103,22 +104,19 @@ def test_mask_is_per_sample_trap8():
 
 
 def test_training_step_builds_the_mask_from_that_steps_views(monkeypatch):
-    module = BYOLModule(TrainConfig(method="pixpro", small_stem=True, image_size=16, proj_hidden=16, proj_dim=8))
+    module = BYOLModule(TrainConfig(method="pixpro", small_stem=True, image_size=32, proj_hidden=16, proj_dim=8))
     seen = []
-    real = positive_pixel_mask
+    real = cell_distances
 
     def spy(*args, **kwargs):
         seen.append(args[:4])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("byol_nb.module.positive_pixel_mask", spy)
-    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    monkeypatch.setattr("byol_nb.module.cell_distances", spy)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     for seed in (1, 2):
         view1, view2 = module.augment(images, seed=seed)
-        fmap, _ = module.nets.online(torch.cat([view1.images, view2.images]))
-        with torch.no_grad():
-            target_fmap, _ = module.nets.target(torch.cat([view1.images, view2.images]))
-        module.pixel_loss(fmap, target_fmap, view1, view2)
+        module.pixel_loss(module.nets(torch.cat([view1.images, view2.images])), view1, view2)
         for got, want in zip(seen[-1], (view1.boxes, view1.flips, view2.boxes, view2.flips)):
             assert torch.equal(got, want)
     assert not torch.equal(seen[0][0], seen[1][0])
@@ -175,34 +173,46 @@ def test_symmetric_pixpro_loss_sums_both_directions_with_transposed_mask():
     torch.testing.assert_close(symmetric_pixpro_loss(y1, y2, t1, t2, mask), expected)
 
 
-def test_pixel_contrast_matches_explicit_infonce():
+def test_pixel_contrast_matches_explicit_infonce_with_the_neutral_band():
+    """Positives: the other view's cells closer than 0.7 cell diagonals; negatives: its cells farther
+    than 1.0 and every cell of every other image (here also "other processes'" keys); cells in
+    between are neither, as in the official code."""
     torch.manual_seed(0)
     q, k = torch.randn(2, 3, 1, 2), torch.randn(2, 3, 1, 2)
     others = torch.randn(3, 3, 1, 2)  # keys of "other processes"
-    mask = torch.tensor([[[True, False], [False, False]], [[True, True], [False, True]]])
+    distance = torch.tensor([[[0.5, 0.8], [1.5, 2.0]], [[0.1, 0.6], [0.9, 0.3]]])
     all_keys = torch.cat([k, others])
     qn = F.normalize(q.flatten(2), dim=1)
     kn = F.normalize(k.flatten(2), dim=1)
-    bank = F.normalize(all_keys.flatten(2), dim=1).permute(0, 2, 1).reshape(-1, 3)
     terms = []
     for b in range(2):
         for i in range(2):
-            if mask[b, i].any():
-                positives = sum(torch.exp(qn[b, :, i] @ kn[b, :, j] / 0.3) for j in range(2) if mask[b, i, j])
-                everything = torch.exp(bank @ qn[b, :, i] / 0.3).sum()
-                terms.append(-torch.log(positives / everything))
+            positives = [j for j in range(2) if distance[b, i, j] < 0.7]
+            if not positives:
+                continue
+            own = [j for j in range(2) if distance[b, i, j] < 0.7 or distance[b, i, j] > 1.0]
+            numerator = sum(torch.exp(qn[b, :, i] @ kn[b, :, j] / 0.3) for j in positives)
+            other_keys = F.normalize(torch.cat([all_keys[:b], all_keys[b + 1:]]).flatten(2), dim=1)
+            denominator = (sum(torch.exp(qn[b, :, i] @ kn[b, :, j] / 0.3) for j in own)
+                           + torch.exp(torch.einsum("c,mcn->mn", qn[b, :, i], other_keys) / 0.3).sum())
+            terms.append(-torch.log(numerator / denominator))
     expected = torch.stack(terms).mean()
-    torch.testing.assert_close(pixel_contrast_loss(q, k, mask, 0.3, all_keys), expected)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 features, as on AMX CPUs: logits stay fp32
-        in_bf16 = pixel_contrast_loss(q.bfloat16(), k.bfloat16(), mask, 0.3, all_keys.bfloat16())
+    torch.testing.assert_close(pixel_contrast_loss(q, k, distance, 0.3, all_keys), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 features: logits stay fp32
+        in_bf16 = pixel_contrast_loss(q.bfloat16(), k.bfloat16(), distance, 0.3, all_keys.bfloat16())
     assert in_bf16.dtype == torch.float32
     torch.testing.assert_close(in_bf16, expected, rtol=0.02, atol=0.02)
+    # the neutral band matters: counted as negatives, the loss is larger
+    assert pixel_contrast_loss(q, k, distance, 0.3, all_keys, negative_above=0.7) > expected
     # without gathered keys the negatives are the local batch only: a different (smaller) loss
-    assert pixel_contrast_loss(q, k, mask, 0.3) < expected
-    none = pixel_contrast_loss(q, k, torch.zeros_like(mask))
-    assert none.item() == 0.0
+    assert pixel_contrast_loss(q, k, distance, 0.3) < expected
+    # this process's keys sit where the gather puts them: at offset 3 instead of 0, the same loss
+    shifted = torch.cat([others, k])
+    torch.testing.assert_close(pixel_contrast_loss(q, k, distance, 0.3, shifted, offset=3), expected)
+    far = torch.full_like(distance, 5.0)
+    assert pixel_contrast_loss(q, k, far).item() == 0.0
     q.requires_grad_(True)
-    pixel_contrast_loss(q, k, mask & False).backward()
+    pixel_contrast_loss(q, k, far).backward()
     assert torch.isfinite(q.grad).all()
 
 
@@ -210,13 +220,10 @@ def test_pixel_contrast_matches_explicit_infonce():
 @pytest.mark.parametrize("method", ["pixpro", "pixcontrast"])
 def test_gradients_reach_only_the_online_network(method):
     torch.manual_seed(0)
-    module = BYOLModule(TrainConfig(method=method, small_stem=True, image_size=16, proj_hidden=16, proj_dim=8))
-    views = module.augment(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), seed=0)
-    both = torch.cat([v.images for v in views])
-    fmap, projection = module.nets.online(both)
-    with torch.no_grad():
-        target_fmap, target = module.nets.target(both)
-    loss = module.pixel_loss(fmap, target_fmap, *views) + module.instance_loss(projection, target)
+    module = BYOLModule(TrainConfig(method=method, small_stem=True, image_size=32, proj_hidden=16, proj_dim=8))
+    views = module.augment(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), seed=0)
+    outputs = module.nets(torch.cat([v.images for v in views]))
+    loss = module.pixel_loss(outputs, *views) + module.nets.instance_loss(outputs)
     loss.backward()
     for name, p in module.nets.target.named_parameters():
         assert p.grad is None and not p.requires_grad, name
@@ -236,7 +243,7 @@ def test_pixel_only_freezes_the_unused_instance_heads():
 
 
 def test_target_pixel_projector_is_an_ema_copy():
-    nets = BYOLNetworks(Backbone("resnet18", small_stem=True), hidden_dim=16, out_dim=8, pixel=True)
+    nets = BYOLNetworks(Backbone("resnet18", small_stem=True), hidden_dim=16, out_dim=8, method="pixpro")
     online, target = nets.online.pixel_projector, nets.target.pixel_projector
     assert target is not online and nets.propagation is not None
     for t, o in zip(target.parameters(), online.parameters()):
@@ -251,16 +258,25 @@ def test_target_pixel_projector_is_an_ema_copy():
 
 
 # ---- command line -------------------------------------------------------------------------------
-def test_too_small_feature_map_stops_before_training(tiny_shapes, tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "32"], "1x1 with the standard stem: add --small-stem"),
+    (["--image-size", "64"], "2x2 with the standard stem: add --small-stem"),  # half of all pairs positive
+    (["--image-size", "24", "--small-stem"], "3x3 with the small stem: use --image-size 32 or more"),
+])
+def test_grids_under_4x4_stop_before_training_proposing_the_small_stem_first(tiny_shapes, tmp_path, flags, message):
     with pytest.raises(SystemExit) as stop:
         train.main(["--data", str(tiny_shapes / "train"), "--method", "pixpro", "--max-steps", "1",
-                    "--out", str(tmp_path), *TINY])
-    message = str(stop.value)
-    assert "1x1" in message and "--small-stem" in message and "--image-size 64" in message
-    assert not (tmp_path / "last.ckpt").exists()
-    with pytest.raises(ValueError, match="--small-stem"):
-        BYOLModule(TrainConfig(method="pixcontrast", image_size=32))
-    BYOLModule(TrainConfig(method="byol", image_size=32, proj_hidden=16))  # instance-only needs no map
+                    "--out", str(tmp_path / "out"), *TINY, *flags])
+    assert "at least 4x4 cells" in str(stop.value) and message in str(stop.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_smallest_accepted_grids_and_instance_only_byol_need_no_grid():
+    for method in ("pixpro", "pixcontrast"):
+        BYOLModule(TrainConfig(method=method, image_size=32, small_stem=True, proj_hidden=16))  # 4x4
+        with pytest.raises(ValueError, match="--small-stem"):
+            BYOLModule(TrainConfig(method=method, image_size=96, proj_hidden=16))  # 3x3
+    BYOLModule(TrainConfig(method="byol", image_size=32, proj_hidden=16))
 
 
 @pytest.mark.slow
@@ -333,3 +349,28 @@ def test_feature_pca_colours_separate_regions():
     left, right = rgb[0, :, :2, 0], rgb[0, :, 2:, 0]
     assert (left.mean() - right.mean()).abs() > 0.9
     assert left.std() < 0.05 and right.std() < 0.05
+
+
+def test_feature_pca_of_a_map_that_encodes_only_position_is_flat():
+    """The same position code in every image (what zero padding gives a network) is removed: the
+    colours show only what differs between images at a place, here nothing."""
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    position = torch.stack([rows, cols, rows * cols]).unsqueeze(0).repeat(6, 1, 1, 1)  # (6, 3, 4, 4)
+    assert feature_pca_rgb(position, remove_position=False).std() > 0.2  # a ramp, the same in all six
+    assert feature_pca_rgb(position).std() < 1e-4
+    content = torch.zeros(6, 3, 4, 4)
+    content[:3, :, :2] = 1.0  # an "object" in the top half of three images
+    rgb = feature_pca_rgb(position + content)
+    assert (rgb[:3, :2] - rgb[:3, 2:].mean((1, 2), keepdim=True)).abs().max() > 0.5
+    assert rgb[3:].std((1, 2)).max() < 1e-4  # images without the object: one colour everywhere
+
+
+def test_cell_similarity_finds_the_same_content_elsewhere_not_the_same_place():
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    maps = torch.stack([rows, cols, torch.zeros(4, 4)]).unsqueeze(0).repeat(4, 1, 1, 1)
+    maps[0, 2, 0, 0] = maps[1, 2, 3, 3] = 5.0  # the same thing at opposite corners of two images
+    similarity = cell_similarity(maps, index=0, cell=(0, 0))
+    assert similarity.shape == (4, 4, 4)
+    assert similarity[1].argmax() == 15  # image 1's most similar cell is the far corner
+    fig = plot_cell_similarity(maps, torch.zeros(4, 3, 16, 16, dtype=torch.uint8), index=0, cell=(0, 0))
+    assert len(fig.axes[0].patches) == 1  # the chosen cell is outlined

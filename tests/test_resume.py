@@ -7,7 +7,6 @@ same online and target weights, optimizer state and step count as a run never in
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -27,6 +26,7 @@ from byol_nb import module as module_lib
 from byol_nb import train
 from byol_nb.data import ResumableSampler, SSLDataModule
 from byol_nb.ema import cosine_momentum
+from byol_nb.viz import read_metrics
 
 MAX_STEPS = 12  # 48 images / batch 8 = 6 steps per epoch: the run crosses an epoch boundary
 # with a local (multi-crop) view: its random draws must replay on resume too
@@ -77,8 +77,10 @@ def _interrupt(command: list[str], out: Path, signum: int, env: dict[str, str], 
 
 
 def _losses_by_step(run: Path) -> dict[int, float]:
-    with open(run / "logs" / "metrics.csv", newline="") as file:
-        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(file) if row["train/loss"]}
+    """The run's logged loss per step, its attempts joined as the curves join them."""
+    losses = read_metrics(run)["train/loss"]
+    assert len({step for step, _ in losses}) == len(losses), "a step logged twice"
+    return dict(losses)
 
 
 def _assert_same_state(resumed: Path, reference: Path) -> None:
@@ -150,7 +152,8 @@ class _Indices(torch.utils.data.Dataset):
 def _loader(n: int, batch: int, world: int, rank: int, step: int, seed: int = 0):
     datamodule = SSLDataModule("unused", None, 16, batch, seed=seed)
     datamodule.train_set = _Indices(n)
-    datamodule.trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=step)
+    datamodule.trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=step,
+                                         strategy=SimpleNamespace(root_device=torch.device("cpu")))
     return datamodule.train_dataloader()
 
 
@@ -203,15 +206,16 @@ def test_loader_resumed_at_any_step_continues_the_uninterrupted_order(n, world, 
 
 
 @pytest.mark.slow
-def test_momentum_schedule_continues_after_resume_trap6(tiny_shapes, tmp_path, monkeypatch):
-    """Trap 6: after --resume at global step k the EMA uses tau_k, not tau_base again."""
+def test_momentum_schedule_continues_after_resume(tiny_shapes, tmp_path, monkeypatch):
+    """After --resume at global step k the EMA uses tau_k, not tau_base again."""
     flags = ["--data", str(tiny_shapes / "train"), "--out", str(tmp_path), "--image-size", "16", "--batch-size", "8",
              "--proj-hidden", "32", "--proj-dim", "16", "--accelerator", "cpu", "--no-progress",
              "--tau-base", "0.9", "--save-every-n-steps", "1"]
     assert train.main([*flags, "--max-steps", "2"]) == 0
     taus: list[float] = []
-    apply = module_lib.EMAUpdate.apply_
-    monkeypatch.setattr(module_lib.EMAUpdate, "apply_", lambda self, tau: (taus.append(tau), apply(self, tau)))
+    update = module_lib.ema_update_
+    monkeypatch.setattr(module_lib, "ema_update_", lambda target, online, tau: (taus.append(tau),
+                                                                               update(target, online, tau)))
     assert train.main([*flags, "--max-steps", "4", "--resume"]) == 0
     assert taus == pytest.approx([cosine_momentum(k, 4, 0.9) for k in (2, 3)])
     assert taus[0] > 0.9 + 1e-3

@@ -12,7 +12,8 @@ import torch
 
 import byol_nb
 from byol_nb import train
-from byol_nb.evaluate import knn_top1, linear_probe_top1
+from byol_nb.metrics import knn_top1, linear_probe_top1
+from byol_nb.viz import metrics_files
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--proj-hidden", "64", "--no-progress"]
 
@@ -45,6 +46,16 @@ def test_load_backbone_gives_pooled_and_dense_features(trained_run):
     assert pooled.shape == (2, 512)
     assert dense.shape == (2, 512, 1, 1)
     torch.testing.assert_close(dense.mean(dim=(2, 3)), pooled)
+
+
+@pytest.mark.slow
+def test_exported_backbone_is_made_of_torch_and_torchvision_modules_only(trained_run):
+    """Trained on the CPU (whose speed-ups swap classes into the convolutions), the file still
+    loads as plain library modules that anyone can use without byol_nb."""
+    for dense in (False, True):
+        network = byol_nb.load_backbone(trained_run / "backbone.pt", dense=dense)
+        kinds = {type(module).__module__.split(".")[0] for module in network.modules()}
+        assert kinds <= {"torch", "torchvision"}, kinds
 
 
 @pytest.mark.slow
@@ -100,7 +111,8 @@ def test_knn_monitor_runs_every_n_epochs(tiny_shapes, tmp_path, flags, monitored
     code = train.main(["--data", str(tiny_shapes / "train"), "--val-data", str(tiny_shapes / "test"),
                        "--out", str(tmp_path), "--accelerator", "cpu", *flags, *TINY])
     assert code == 0
-    with open(tmp_path / "logs" / "metrics.csv", newline="") as f:
+    (log,) = metrics_files(tmp_path)
+    with open(log, newline="") as f:
         epochs = sorted({int(row["epoch"]) for row in csv.DictReader(f) if row.get("knn_top1")})
     assert epochs == monitored_epochs
     assert (tmp_path / "best.ckpt").is_file()

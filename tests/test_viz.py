@@ -116,3 +116,61 @@ def test_plot_agreement_reports_the_largest_difference():
     titles = [ax.get_title() for ax in fig.axes]
     assert "max |diff| = 0.0e+00" in titles[0] and "max |diff| = 2.0e+00" in titles[1]
     _close(fig)
+
+
+def _texts(fig) -> str:
+    """Every word a diagram writes (texts, titles, legend entries), joined into one line."""
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts] + [ax.get_title() for ax in fig.axes]
+    texts += [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    return " ".join(" ".join(texts).split())
+
+
+def _arrows(fig) -> list:
+    return [p for ax in fig.axes for p in ax.patches if isinstance(p, matplotlib.patches.FancyArrowPatch)]
+
+
+def test_diagram_byol_names_both_networks_the_stop_gradient_and_the_ema():
+    fig = viz.diagram_byol()
+    text = _texts(fig)
+    for part in ("backbone", "projector", "predictor", "stop-gradient", "EMA", "ξ ← τξ + (1−τ)θ",
+                 "symmetrised", r"\mathrm{sg}(z')"):
+        assert part in text, part
+    assert text.count("predictor") == 2  # the online predictor box, and "no predictor" on the target branch
+    arrows = _arrows(fig)
+    assert len(arrows) >= 12
+    dashed = [a for a in arrows if a.get_linestyle() == "--"]
+    assert len(dashed) == 3  # the target's arrow into the loss (stop-gradient) and two EMA arrows
+    colours = {matplotlib.colors.to_hex(a.get_edgecolor()) for a in arrows}
+    assert {matplotlib.colors.to_hex("tab:orange"), matplotlib.colors.to_hex("tab:blue")} <= colours
+    _close(fig)
+
+
+def test_diagram_pixpro_draws_the_pipeline_and_the_positive_pair_rule():
+    fig = viz.diagram_pixpro()
+    text = _texts(fig)
+    for part in ("PPM", "Pixel Propagation Module", "0.7 cell diagonals", "positive pairs", "crop boxes",
+                 "stop-gradient", "EMA", "pixel projector", r"-\cos(y_i, x'_j)"):
+        assert part in text, part
+    assert len(_arrows(fig)) >= 14
+    ax = fig.axes[0]
+    cells = [p for p in ax.patches if type(p) is matplotlib.patches.Rectangle and p.get_fill()]
+    assert len(cells) >= 2 * 16  # two 4x4 feature maps (and the original image)
+    _close(fig)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_diagram_ddp_one_column_per_rank_and_both_collectives(world):
+    fig = viz.diagram_ddp(world=world)
+    text = _texts(fig)
+    for part in ("all-gather", "all-reduce (sum)", "all-reduce (average)", "optimizer.step()", "forward",
+                 "backward", "its own slice"):
+        assert part in text, part
+    assert all(f"rank {r}" in text for r in range(world)) and f"rank {world}" not in text
+    assert text.count("model copy") == world
+    # every rank shows the gathered tensor [x_0, ..., x_{world-1}]: world slots on each of the world ranks
+    assert sum(t.get_text() == f"$x_{k}$" for t in fig.axes[0].texts for k in range(world)) == world * world
+    arrows = _arrows(fig)
+    solid = [a for a in arrows if a.get_linestyle() == "-"]
+    dashed = [a for a in arrows if a.get_linestyle() == "--"]
+    assert len(solid) >= world * (3 + world) and len(dashed) >= world * 3  # all-gather: world x world arrows
+    _close(fig)

@@ -1,17 +1,18 @@
-"""Convolutions on tiny feature maps as one matrix multiply.
+"""CPU speed-ups, applied by the training entry point (``python -m byol_nb.train``) when it trains
+on the CPU. Nothing in the lessons depends on them: a first read can skip this file.
 
-On small images a ResNet's last stages see feature maps of 2x2 or 1x1 cells (32 px images: layer3
-and layer4). There oneDNN's convolution kernels, which torch uses on CPUs, are far from the
-machine's speed, and the weight gradient worst of all: for a 512-channel 3x3 convolution on a
-1x1 map its backward takes 5-20x the forward's time (BENCHMARKS.md, "Convolutions on tiny maps").
-Written as "gather the k x k patches, multiply by the weight matrix" (im2col), the forward, the
-input gradient and the weight gradient are each one dense matrix multiply, which the CPU's matrix
-units run at full speed, and the gathered patches are tiny because the maps are.
+**Convolutions on tiny feature maps as one matrix multiply.** On small images a ResNet's last
+stages see feature maps of 2x2 or 1x1 cells (32 px images: layer3 and layer4). There oneDNN's
+convolution kernels, which torch uses on CPUs, are far from the machine's speed, and the weight
+gradient worst of all. Written as "gather the k x k patches, multiply by the weight matrix"
+(im2col), the forward, the input gradient and the weight gradient are each one dense matrix
+multiply, and the gathered patches are tiny because the maps are.
 
 :class:`MatmulConv2d` is an ``nn.Conv2d`` (same parameters, same state dict, same results up to
-float rounding) that takes the matmul path only when the output has at most ``MAX_MATMUL_CELLS`` cells,
-and :func:`use_matmul_convs` swaps it into a network. Larger maps keep oneDNN's kernels, which win
-there.
+float rounding) that takes the matmul path only when the output has at most ``MAX_MATMUL_CELLS``
+cells; :func:`speed_up_for_cpu` swaps it into a network. Larger maps keep oneDNN's kernels, which
+win there. Saved backbones hold only the weights, so ``byol_nb.load_backbone`` always returns
+plain torchvision modules.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Output cells (Ho x Wo) up to which the matmul path is faster than oneDNN's kernels, measured on
-# ResNet-18's convolutions at batch 256 on an AMX CPU (BENCHMARKS.md): 2x2 and 1x1 outputs win
-# 1.2-8x in bf16; 4x4 outputs lose 1.5-4x.
+# Output cells (Ho x Wo) up to which the matmul path beats oneDNN's kernels on ResNet-18's
+# convolutions; from 4x4 outputs on, oneDNN's kernels are faster (bench/conv_layers.py measures it).
 MAX_MATMUL_CELLS = 4
 
 
@@ -75,7 +75,7 @@ def patch_matmul_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: 
 
 class MatmulConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` that computes small outputs (at most ``MAX_MATMUL_CELLS`` cells) by matmul
-    on the CPU. GPUs keep cuDNN, which has no such weakness."""
+    on the CPU; on any other device it is ``nn.Conv2d``."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
@@ -93,7 +93,7 @@ class MatmulConv2d(nn.Conv2d):
                 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
-def use_matmul_convs(network: nn.Module, enable: bool = True) -> nn.Module:
+def speed_up_for_cpu(network: nn.Module, enable: bool = True) -> nn.Module:
     """Turn every plain ``nn.Conv2d`` of ``network`` into a :class:`MatmulConv2d`, in place
     (``enable=False``: back to ``nn.Conv2d``, to compare the two).
 

@@ -1,0 +1,327 @@
+"""A run's configuration: what it trains (``TrainConfig``), the command line that sets it, the
+defaults that depend on the data, and the checks that stop a run that cannot work.
+
+This module imports only the standard library, so that ``byol_nb.launch`` can check a notebook's
+options against the real command line before any process (or torch) starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+METHODS = ("byol", "pixpro", "pixcontrast")
+PIXEL_METHODS = ("pixpro", "pixcontrast")
+BACKBONES = ("resnet18", "resnet34", "resnet50")
+OPTIMIZERS = ("lars", "sgd", "adamw")
+BYOL_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (Grill et al. 2020, table 6)
+# Local (multi-crop) views cut crops of 5% of the image up to the main views' smallest, as DINO does.
+LOCAL_MIN_SCALE = 0.05
+# The smallest feature map the pixel methods accept. On 2x2 cells about half of all cell pairs are
+# positives, and the pixel loss is then nearly the instance loss; on 4x4 about a sixth are.
+MIN_PIXEL_GRID = 4
+
+
+def feature_map_side(image_size: int, small_stem: bool) -> int:
+    """Side of a ResNet's last feature map for square ``image_size`` inputs: the standard stem
+    shrinks the image 32 times, the small stem (3x3 stride-1 convolution, no max-pool) 8 times;
+    each stride-2 layer rounds up."""
+    stride = 8 if small_stem else 32
+    return -(-image_size // stride)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run's model and optimisation; saved in every checkpoint.
+
+    ``lr`` is per 256 images of *global* batch. Defaults are tuned for short runs on small images
+    (README, "Defaults for small data"); the paper's ImageNet values are noted where they differ.
+    """
+
+    method: str = "byol"
+    backbone: str = "resnet18"
+    small_stem: bool = False
+    pretrained: bool = False
+    image_size: int = 32
+    crop_min_scale: float = 0.35  # paper: 0.08; a crop of 8% of a 32 px image keeps little of the object
+    jitter: tuple[float, float, float, float] = BYOL_JITTER
+    grayscale_p: float = 0.2
+    batch_size: int = 128  # per process
+    optimizer: str = "lars"
+    lr: float = 2.0  # paper: 0.2 with batch 4096 (ImageNet); short small-image runs need more
+    weight_decay: float = 1.5e-6
+    warmup_steps: int = 50  # paper: 10 epochs
+    tau_base: float = 0.99  # paper: 0.996 (for 300+ epochs)
+    proj_hidden: int = 1024  # paper: 4096
+    proj_dim: int = 256
+    local_views: int = 0  # multi-crop: extra small views per image (byol only)
+    local_size: int | None = None  # their side in pixels; None: half of image_size
+    seed: int = 0
+    sync_bn: bool = True  # BatchNorm statistics over all processes (byol_nb.distributed)
+    # Pixel methods only. PixPro's paper pretrains without the instance branch (weight 0) for
+    # detection; on the built-in data the pooled branch also helps the dense probe.
+    instance_weight: float = 1.0
+    pixel_threshold: float = 0.7  # positive pairs: normalised cell distance below this
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @property
+    def local_view_size(self) -> int:
+        return self.local_size or self.image_size // 2
+
+    @property
+    def pixel(self) -> bool:
+        return self.method in PIXEL_METHODS
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise ValueError, naming the flag to change, for a configuration that cannot train."""
+    if config.method not in METHODS:
+        raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(METHODS)}")
+    if not 0 < config.crop_min_scale <= 1:
+        raise ValueError(f"--crop-min-scale must be in (0, 1], got {config.crop_min_scale}")
+    brightness, contrast, saturation, hue = config.jitter
+    if min(brightness, contrast, saturation, hue) < 0 or hue > 0.5:
+        raise ValueError(f"--jitter strengths must be 0 or more, with hue at most 0.5 (a half turn of the "
+                         f"colour wheel), got {' '.join(str(v) for v in config.jitter)}")
+    if not 0 <= config.grayscale_p <= 1:
+        raise ValueError(f"--grayscale-p is a probability, in [0, 1], got {config.grayscale_p}")
+    if config.local_views < 0:
+        raise ValueError(f"--local-views must be 0 or more, got {config.local_views}")
+    if config.local_views and config.pixel:
+        raise ValueError(f"--local-views is for --method byol (the pixel losses pair the two main views only); "
+                         f"use --local-views 0 with --method {config.method}")
+    if config.local_views and not 8 <= config.local_view_size <= config.image_size:
+        raise ValueError(f"--local-size must be between 8 and --image-size ({config.image_size}), "
+                         f"got {config.local_view_size}")
+    if config.local_views and config.crop_min_scale <= LOCAL_MIN_SCALE:
+        raise ValueError(f"local views crop between {LOCAL_MIN_SCALE} and --crop-min-scale of the image, so with "
+                         f"--local-views --crop-min-scale must be above {LOCAL_MIN_SCALE}, got {config.crop_min_scale}")
+    if not config.pixel:
+        return
+    side = feature_map_side(config.image_size, config.small_stem)
+    if side < MIN_PIXEL_GRID:
+        if not config.small_stem and feature_map_side(config.image_size, True) >= MIN_PIXEL_GRID:
+            fix = "add --small-stem (a stride of 8 instead of 32)"
+        else:
+            needed = MIN_PIXEL_GRID * (8 if config.small_stem else 32)
+            fix = f"use --image-size {needed} or more" + ("" if config.small_stem else " or --small-stem")
+        raise ValueError(
+            f"--method {config.method} needs a feature map of at least {MIN_PIXEL_GRID}x{MIN_PIXEL_GRID} cells "
+            f"(on fewer, most cell pairs are positives and the pixel loss is nearly the instance loss), but "
+            f"{config.image_size} px images give {side}x{side} with the "
+            f"{'small' if config.small_stem else 'standard'} stem: {fix}")
+    if config.instance_weight < 0:
+        raise ValueError(f"--instance-weight must be 0 or more, got {config.instance_weight}")
+    if config.pixel_threshold <= 0:
+        raise ValueError(f"--pixel-threshold must be positive, got {config.pixel_threshold}")
+
+
+# ---- defaults that depend on the data -----------------------------------------------------------
+
+# The TrainConfig fields a data preset may set; their flags default to "left out" (argparse.SUPPRESS)
+# so that a flag given on the command line always wins.
+PRESET_FLAGS = ("jitter", "local_views", "tau_base", "weight_decay")
+# A run's length when neither --max-epochs nor --max-steps is given and the data has no preset.
+DEFAULT_EPOCHS = 50
+# The built-in shapes have random colours, so colour never tells a class: a full turn of hue (0.5)
+# takes the palette away as a shortcut (photos keep the paper's jitter, their colours mean
+# something). One local view, a faster target and weight decay 1e-5 were the best recipe tried on
+# them in a CPU budget of minutes (the README's "Defaults for small data").
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "shapes": {"jitter": (0.4, 0.4, 0.4, 0.5), "local_views": 1, "tau_base": 0.98, "weight_decay": 1e-5,
+               "max_epochs": 40},
+}
+
+
+def apply_data_defaults(args: argparse.Namespace) -> None:
+    """Fill the flags that were left out from ``DATA_DEFAULTS[args.data]``, else from TrainConfig
+    (and DEFAULT_EPOCHS). A preset's local views are BYOL's only: the pixel methods pair the two
+    main views and refuse them, so there they stay at TrainConfig's 0."""
+    preset, defaults = dict(DATA_DEFAULTS.get(args.data, {})), TrainConfig()
+    if args.method in PIXEL_METHODS:
+        preset.pop("local_views", None)
+    for name in PRESET_FLAGS:
+        if getattr(args, name, None) is None:
+            setattr(args, name, preset.get(name, getattr(defaults, name)))
+    args.jitter = tuple(args.jitter)
+    if args.max_epochs is None and args.max_steps is None:
+        args.max_epochs = preset.get("max_epochs", DEFAULT_EPOCHS)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**values)
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+class TrainParser(argparse.ArgumentParser):
+    """The parser of ``python -m byol_nb.train``; :meth:`check` parses without exiting."""
+
+    raise_errors = False
+
+    def error(self, message: str):  # type: ignore[override]
+        if self.raise_errors:
+            raise ValueError(message)
+        super().error(message)
+
+    def check(self, argv: Sequence[str]) -> argparse.Namespace:
+        """Parse ``argv`` and fill the data defaults; raise ValueError with argparse's message
+        instead of printing it and exiting (for callers that are not the command line)."""
+        self.raise_errors = True
+        try:
+            args = self.parse_args(list(argv))
+        finally:
+            self.raise_errors = False
+        apply_data_defaults(args)
+        return args
+
+    def option_names(self) -> dict[str, argparse.Action]:
+        """Each option's keyword name (``max_steps`` for ``--max-steps``) and its argparse action."""
+        return {action.dest: action for action in self._actions if action.option_strings and action.dest != "help"}
+
+
+def build_parser() -> TrainParser:
+    d = TrainConfig()
+    shapes = DATA_DEFAULTS["shapes"]
+    p = TrainParser(prog="python -m byol_nb.train", description="Self-supervised pretraining (BYOL, PixPro).",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="shapes",
+                      help="'shapes' (built-in), 'cifar10', 'stl10', or a folder of images")
+    data.add_argument("--val-data", default=None,
+                      help="labeled folder (one sub-folder per class) for the kNN monitor; --data must be labeled too")
+    data.add_argument("--image-size", type=int, default=d.image_size)
+    data.add_argument("--crop-min-scale", type=float, default=d.crop_min_scale,
+                      help="smallest crop area, as a fraction of the image (paper: 0.08)")
+    data.add_argument("--jitter", type=float, nargs=4, default=argparse.SUPPRESS, metavar=("B", "C", "S", "H"),
+                      help="colour jitter strengths: brightness, contrast, saturation, hue (hue at most 0.5; "
+                           f"default: {_strengths(d.jitter)}, the paper's; {_strengths(shapes['jitter'])} "
+                           f"with --data shapes)")
+    data.add_argument("--grayscale-p", type=float, default=d.grayscale_p,
+                      help="probability that a view is turned grayscale (1: colour never tells two images apart)")
+    data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: cached in memory)")
+    model = p.add_argument_group("model")
+    model.add_argument("--method", choices=METHODS, default=d.method)
+    model.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
+    model.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=d.small_stem,
+                       help="3x3 stride-1 stem without max-pool, for small images (8x larger feature maps)")
+    model.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (online)")
+    model.add_argument("--proj-hidden", type=int, default=d.proj_hidden)
+    model.add_argument("--proj-dim", type=int, default=d.proj_dim)
+    model.add_argument("--local-views", type=int, default=argparse.SUPPRESS,
+                       help="multi-crop (--method byol): extra small views per image, each predicting both main "
+                            f"views' targets (default: {d.local_views}; {shapes['local_views']} with --data shapes "
+                            f"and --method byol)")
+    model.add_argument("--local-size", type=int, default=d.local_size,
+                       help="side of the local views in pixels (default: half of --image-size)")
+    model.add_argument("--instance-weight", type=float, default=d.instance_weight,
+                       help="pixel methods: weight of the instance (BYOL) loss on pooled features; 0 for pixel-only")
+    model.add_argument("--pixel-threshold", type=float, default=d.pixel_threshold,
+                       help="pixel methods: cells closer than this (in cell diagonals) are positive pairs")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    steps = opt.add_mutually_exclusive_group()
+    steps.add_argument("--max-epochs", type=int, default=None,
+                       help=f"default: {DEFAULT_EPOCHS} when --max-steps is not given either "
+                            f"({shapes['max_epochs']} with --data shapes)")
+    steps.add_argument("--max-steps", type=int, default=None)
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    opt.add_argument("--lr", type=float, default=d.lr, help="per 256 images of global batch")
+    opt.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS,
+                     help=f"default: {d.weight_decay}; {shapes['weight_decay']} with --data shapes")
+    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    opt.add_argument("--tau-base", type=float, default=argparse.SUPPRESS,
+                     help=f"EMA momentum at step 0 (default: {d.tau_base}; {shapes['tau_base']} with --data shapes)")
+    opt.add_argument("--seed", type=int, default=d.seed)
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto")
+    hw.add_argument("--devices", default="1", help="number of devices (processes) per node, or 'auto'")
+    hw.add_argument("--num-nodes", type=int, default=1)
+    hw.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ddp_notebook, ...")
+    hw.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=d.sync_bn,
+                    help="with several processes, BatchNorm statistics over the global batch")
+    hw.add_argument("--precision", default="auto",
+                    help="auto (bf16-mixed on GPUs that support it and on CPUs with bf16 instructions, else 32), "
+                         "32, bf16-mixed, 16-mixed")
+    hw.add_argument("--dist-timeout", type=int, default=300,
+                    help="seconds a process waits for the others in a collective operation before the job "
+                         "stops (a hung or crashed process then frees every device)")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default="runs/byol", help="output folder")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
+    run.add_argument("--knn-every-n-epochs", type=int, default=5,
+                     help="epochs between kNN monitor passes (at most the run's number of full epochs, so "
+                          "that a short run is monitored too); each pass embeds the whole labeled split")
+    run.add_argument("--save-every-n-steps", type=int, default=200,
+                     help="write OUT/last.ckpt every N optimizer steps (also at the end, and on SIGTERM/SIGUSR1)")
+    run.add_argument("--log-every-n-steps", type=int, default=10,
+                     help="steps between rows of the metrics log (and between checks for a non-finite loss)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar (logs only)")
+    return p
+
+
+def _strengths(values: Sequence[float]) -> str:
+    return " ".join(str(v) for v in values)
+
+
+POSITIVE_FLAGS = ("batch_size", "max_epochs", "max_steps", "save_every_n_steps", "num_nodes", "proj_hidden",
+                  "proj_dim", "log_every_n_steps", "knn_every_n_epochs", "local_size", "dist_timeout")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError, naming the flag, for values that cannot work (before any process starts)."""
+    for flag in POSITIVE_FLAGS:
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be 0 or more, got {args.num_workers}")
+    if args.devices != "auto" and (not args.devices.isdigit() or int(args.devices) <= 0):
+        raise ValueError(f"--devices must be a positive number or 'auto', got {args.devices!r}")
+    if args.image_size < 8:
+        raise ValueError(f"--image-size must be at least 8, got {args.image_size}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    check_config(config_from_args(args))
+
+
+def command_line(**options: object) -> list[str]:
+    """The arguments of ``python -m byol_nb.train`` for keyword ``options``, checked by its parser.
+
+    ``max_steps=3`` gives ``--max-steps 3``. A switch such as ``resume`` gives its flag for True and
+    nothing for False; an on/off flag such as ``sync_bn`` gives ``--sync-bn`` or ``--no-sync-bn``; a
+    list (``jitter=(0.4, 0.4, 0.4, 0.1)``) gives its values; None leaves the option out. Raises
+    ValueError for an unknown name (listing the valid ones) or a value the parser refuses.
+    """
+    parser = build_parser()
+    actions = parser.option_names()
+    unknown = [name for name in options if name not in actions]
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, actions, n=1) for name in unknown}
+        named = ", ".join(f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for name, hint in hints.items())
+        raise ValueError(f"unknown training option(s) {named}; the options are: {', '.join(sorted(actions))}")
+    argv: list[str] = []
+    for name, value in options.items():
+        action, flag = actions[name], actions[name].option_strings[0]
+        if value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif action.nargs == 0:  # a switch (store_true): only its presence means anything
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} is a switch: pass True or False, got {value!r}")
+            argv += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    args = parser.check(argv)
+    check_args(args)
+    return argv
