@@ -1,15 +1,16 @@
-"""The course notebooks: every one executes headless in FAST mode, in order, each code cell twice,
-and none is committed with outputs.
+"""The course notebooks: every one executes headless in FAST mode, in order, each code cell twice;
+every one executes in full mode, as a learner runs it, through every training and launch call (at
+a few steps each); and none is committed with outputs.
 
 The execution tests are marked ``notebooks`` (deselect with ``-m "not notebooks"``); they run
-each notebook in a fresh kernel with ``FAST=1`` and ``BYOL_NB_RUNS`` pointing at a temporary folder,
-so cached runs from an earlier session are never reused and nothing is written under ``runs/``.
+each notebook in a fresh kernel with ``BYOL_NB_RUNS`` pointing at a temporary folder, so cached
+runs from an earlier session are never reused and nothing is written under ``runs/``. FAST only
+shrinks a lesson (byol_nb/course.py): both modes run the same cells and pass the same flags.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -51,17 +52,15 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("course-runs")
 
 
-@pytest.mark.notebooks
-@pytest.mark.slow
-@pytest.mark.timeout(PER_NOTEBOOK_TIMEOUT_S + 60)
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes_in_fast_mode(path: Path, runs_dir: Path, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture(scope="module")
+def full_runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("course-runs-full")
+
+
+def execute(path: Path, tmp_path: Path, times: int = 1) -> list:
+    """Run every cell of the notebook at ``path`` ``times`` times in a fresh kernel; return its cells."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("FAST", "1")
-    monkeypatch.setenv("BYOL_NB_RUNS", str(runs_dir))
-    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     notebook = nbformat.read(path, as_version=4)
     from jupyter_client.manager import KernelManager
 
@@ -72,16 +71,53 @@ def test_notebook_executes_in_fast_mode(path: Path, runs_dir: Path, tmp_path: Pa
     client = nbclient.NotebookClient(notebook, km=kernel, timeout=PER_NOTEBOOK_TIMEOUT_S,
                                      resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     started = time.perf_counter()
-    # Every code cell runs twice in a row, as a learner re-running a cell would: a lesson must not
-    # break on its second run (a folder that already exists, a figure already open, a variable
-    # already changed). execute_cell raises CellExecutionError with the failing cell's traceback.
+    # execute_cell raises CellExecutionError with the failing cell's traceback.
     with client.setup_kernel():
         for index, cell in enumerate(notebook.cells):
-            for _ in range(2 if cell.cell_type == "code" else 1):
+            for _ in range(times if cell.cell_type == "code" else 1):
                 client.execute_cell(cell, index)
-    print(f"{path.name}: {time.perf_counter() - started:.0f} s (every code cell twice)")
-    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    print(f"{path.name}: {time.perf_counter() - started:.0f} s")
+    return notebook.cells
+
+
+def figures_of(cells: list) -> list:
+    return [o for c in cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+@pytest.mark.timeout(PER_NOTEBOOK_TIMEOUT_S + 60)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes_in_fast_mode(path: Path, runs_dir: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch):
+    """Every code cell runs twice in a row, as a learner re-running a cell would: a lesson must not
+    break on its second run (a folder that already exists, a figure already open, a variable
+    already changed)."""
+    monkeypatch.setenv("FAST", "1")
+    monkeypatch.setenv("BYOL_NB_RUNS", str(runs_dir))
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    cells = execute(path, tmp_path, times=2)
+    errors = [o for c in cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
-    figures = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs
-               if "image/png" in o.get("data", {})]
-    assert figures, f"{path.name} shows no figure"
+    assert figures_of(cells), f"{path.name} shows no figure"
+
+
+FULL_MODE_STEPS = 3
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+@pytest.mark.timeout(PER_NOTEBOOK_TIMEOUT_S + 60)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes_in_full_mode_through_every_training_call(path: Path, full_runs_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    """The learner's path: no FAST, the full built-in dataset, every launch and training call with
+    the flags a learner's run passes, each run cut to a few steps (BYOL_NB_MAX_STEPS)."""
+    monkeypatch.delenv("FAST", raising=False)
+    monkeypatch.setenv("BYOL_NB_MAX_STEPS", str(FULL_MODE_STEPS))
+    monkeypatch.setenv("BYOL_NB_RUNS", str(full_runs_dir))
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    cells = execute(path, tmp_path)
+    errors = [o for c in cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    assert figures_of(cells), f"{path.name} shows no figure"
