@@ -11,7 +11,7 @@ endif
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test lab bench venv clean
+.PHONY: train test lab bench gpu-check venv clean
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ test: venv
 bench: venv
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[bench]'
 	$(PY) -m bench.run $(ARGS)
+
+# the GPU check: speed against the peers and across GPUs, host syncs, memory, every method on 2 GPUs,
+# LARS and ddp_notebook, one table; make gpu-check ARGS=--dry-run runs it small on the CPU
+gpu-check: venv
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[bench]'
+	$(PY) -m bench.gpu_check $(ARGS)
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
