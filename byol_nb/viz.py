@@ -195,7 +195,7 @@ def augment_explorer(originals: "torch.Tensor", crop_min_scale: float = 0.08, ji
 
 
 def plot_lines(series: dict, title: str = "", xlabel: str = "step", ylabel: str = "",
-               logy: bool = False, size: tuple[float, float] = (5, 3)):
+               logy: bool = False, logx: bool = False, size: tuple[float, float] = (5, 3)):
     """One axis with a line per entry; values are a list of y, or an (x, y) pair of sequences."""
     fig, ax = plt.subplots(figsize=size)
     for name, values in series.items():
@@ -205,6 +205,8 @@ def plot_lines(series: dict, title: str = "", xlabel: str = "step", ylabel: str 
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -266,6 +268,24 @@ def plot_image_masks(images: "torch.Tensor", masks: "torch.Tensor | np.ndarray",
             axes[0, i].set_title(titles[i], fontsize=8)
         for ax in axes[:, i]:
             ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_mask_predictions(images: "torch.Tensor", masks: "torch.Tensor", predictions: dict[str, "torch.Tensor"],
+                          size: float = 1.3):
+    """Images (N, 3, H, W), their true masks (N, H, W) and each method's predicted masks, one row
+    each, in the colours of :func:`colour_mask` (black: background)."""
+    rows = {"image": None, "true mask": masks, **predictions}
+    n = len(images)
+    fig, axes = plt.subplots(len(rows), n, figsize=(size * n + 1.2, size * len(rows)), squeeze=False)
+    for r, (name, shown) in enumerate(rows.items()):
+        for i in range(n):
+            ax = axes[r, i]
+            ax.imshow(to_display(images[i]) if shown is None else colour_mask(shown[i]), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
     fig.tight_layout()
     return fig
 
