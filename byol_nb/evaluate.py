@@ -17,13 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from byol_nb.augment import normalize
+from byol_nb.augment import normalize, resized_crop, sample_crop_boxes
+from byol_nb.cpu_speed import speed_up_for_cpu
 from byol_nb.data import DataError, dataset_labels, open_dataset
-from byol_nb.metrics import knn_top1, linear_probe_top1, segmentation_probe_miou
+from byol_nb.metrics import (first_per_class, knn_top1, linear_probe_top1, predict_masks, segmentation_probe,
+                             segmentation_scores)
+from byol_nb.models import Backbone
 from byol_nb.shapes import mask_path
 
 TASKS = ("knn", "linear", "segmentation")
@@ -98,14 +102,21 @@ def dataset_masks(dataset: Dataset, size: int) -> Tensor:
     return torch.from_numpy(np.stack(masks))
 
 
+def segmentation_predictions(dense: nn.Module, train: Dataset, test: Dataset, image_size: int,
+                             device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+    """The masks (N, S, S) that a linear probe on ``dense``'s frozen feature maps predicts for the
+    test images, and their true masks. ``dense`` returns feature maps (``load_backbone(...,
+    dense=True)``, ``Backbone.body``); the images must be the built-in dataset's (with masks)."""
+    train_masks, test_masks = dataset_masks(train, image_size), dataset_masks(test, image_size)
+    head = segmentation_probe(extract_feature_maps(dense, train, device=device), train_masks)
+    return predict_masks(head, extract_feature_maps(dense, test, device=device)), test_masks
+
+
 def evaluate_segmentation(dense: nn.Module, train: Dataset, test: Dataset, image_size: int,
                           device: str | torch.device = "cpu") -> tuple[float, float]:
     """(mean IoU, pixel accuracy) in percent of a linear probe on the frozen feature maps of
-    ``dense`` (a network that returns maps, see :func:`extract_feature_maps`)."""
-    train_masks, test_masks = dataset_masks(train, image_size), dataset_masks(test, image_size)
-    train_x = extract_feature_maps(dense, train, device=device)
-    test_x = extract_feature_maps(dense, test, device=device)
-    return segmentation_probe_miou(train_x, train_masks, test_x, test_masks)
+    ``dense`` (see :func:`segmentation_predictions`)."""
+    return segmentation_scores(*segmentation_predictions(dense, train, test, image_size, device))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,3 +150,38 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def supervised_top1(train: Dataset, test: Dataset, per_class: int, steps: int = 300, batch_size: int = 64,
+                    lr: float = 0.05, seed: int = 0, small_stem: bool = False,
+                    device: str | torch.device = "cpu") -> float:
+    """Top-1 (%) on ``test`` of a ResNet-18 trained from random initialisation, with labels, on the
+    first ``per_class`` images of each class of ``train``: the baseline self-supervision has to
+    beat with as few labels. The images get random crops (35-100% of the area) and flips, the
+    geometric part of BYOL's views, and SGD with momentum for ``steps`` steps on a cosine schedule."""
+    images = torch.stack([train[i][0] for i in range(len(train))])
+    labels = torch.as_tensor(dataset_labels(train))
+    index = first_per_class(labels, per_class)
+    images, labels = images[index].to(device), labels[index].to(device)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    backbone = Backbone("resnet18", small_stem=small_stem)
+    network = nn.Sequential(backbone, nn.Linear(backbone.dim, int(labels.max()) + 1)).to(device)
+    if torch.device(device).type == "cpu":
+        speed_up_for_cpu(network)  # as the training entry points do on the CPU; see cpu_speed.py
+    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    size = images.shape[-1]
+    network.train()
+    for _ in range(steps):
+        batch = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator).to(device)
+        boxes = sample_crop_boxes(len(batch), (0.35, 1.0), (3 / 4, 4 / 3), device)
+        flips = torch.rand(len(batch), device=device) < 0.5
+        views = resized_crop(images[batch].float() / 255, boxes, flips, size)
+        loss = F.cross_entropy(network(normalize(views)), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    test_x, test_y = extract_features(network, test, device=device)  # the classifier's logits
+    return 100.0 * (test_x.argmax(1) == test_y).float().mean().item()

@@ -59,48 +59,68 @@ def linear_probe_top1(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: 
         return 100.0 * (head(test_x).argmax(1) == test_y).float().mean().item()
 
 
-def segmentation_probe_miou(train_x: Tensor, train_masks: Tensor, test_x: Tensor, test_masks: Tensor,
-                            epochs: int = 30, batch_size: int = 128, lr: float = 1e-2,
-                            weight_decay: float = 1e-4) -> tuple[float, float]:
-    """Train a linear 1x1-conv head on frozen feature maps against per-pixel labels; return the
-    test set's (mean IoU, pixel accuracy), both in percent.
+def segmentation_probe(train_x: Tensor, train_masks: Tensor, epochs: int = 30, batch_size: int = 128,
+                       lr: float = 1e-2, weight_decay: float = 1e-4) -> nn.Module:
+    """A linear 1x1-conv head trained on frozen feature maps (N, C, h, w) against per-pixel labels
+    (N, H, W); it maps feature maps to per-pixel class logits at the masks' size.
 
     Features are standardised per channel (train statistics). The head's logits, one map per class,
     are upsampled bilinearly to the mask size before the per-pixel cross-entropy, so a coarse
-    feature map is scored against full-resolution masks. IoU is accumulated over the whole test set
-    per class (background included) and averaged over classes that occur in it or are predicted.
+    feature map is scored against full-resolution masks.
     """
     mean = train_x.mean((0, 2, 3), keepdim=True)
     std = train_x.std((0, 2, 3), keepdim=True) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    num_classes = int(max(train_masks.max(), test_masks.max())) + 1
-    size = tuple(train_masks.shape[-2:])
+    num_classes = int(train_masks.max()) + 1
     generator = torch.Generator().manual_seed(0)
-    head = nn.Conv2d(train_x.shape[1], num_classes, 1)
+    conv = nn.Conv2d(train_x.shape[1], num_classes, 1)
     with torch.no_grad():
-        head.weight.normal_(0, 0.01, generator=generator)
-        head.bias.zero_()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-
-    def logits(x: Tensor) -> Tensor:
-        return F.interpolate(head(x), size=size, mode="bilinear", align_corners=False)
-
+        conv.weight.normal_(0, 0.01, generator=generator)
+        conv.bias.zero_()
+    head = _SegmentationHead(mean, std, conv, tuple(train_masks.shape[-2:]))
+    optimizer = torch.optim.AdamW(conv.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(epochs):
         for index in torch.randperm(len(train_x), generator=generator).split(batch_size):
             optimizer.zero_grad()
-            F.cross_entropy(logits(train_x[index]), train_masks[index]).backward()
+            F.cross_entropy(head(train_x[index]), train_masks[index]).backward()
             optimizer.step()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    with torch.no_grad():
-        for x, y in zip(test_x.split(batch_size), test_masks.split(batch_size)):
-            predicted = logits(x).argmax(1)
-            confusion += torch.bincount(y.flatten() * num_classes + predicted.flatten(),
-                                        minlength=num_classes**2).view(num_classes, num_classes)
+    return head.eval()
+
+
+class _SegmentationHead(nn.Module):
+    def __init__(self, mean: Tensor, std: Tensor, conv: nn.Conv2d, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.mean, self.std, self.conv, self.size = mean, std, conv, size
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.conv((x - self.mean) / self.std)
+        return F.interpolate(logits, size=self.size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def predict_masks(head: nn.Module, feature_maps: Tensor, batch_size: int = 128) -> Tensor:
+    """Per-pixel classes (N, H, W) that a :func:`segmentation_probe` head predicts."""
+    return torch.cat([head(x).argmax(1) for x in feature_maps.split(batch_size)])
+
+
+def segmentation_scores(predicted: Tensor, masks: Tensor) -> tuple[float, float]:
+    """(mean IoU, pixel accuracy) in percent of predicted against true per-pixel classes. IoU is
+    accumulated over all images per class (background included) and averaged over the classes that
+    occur or are predicted."""
+    num_classes = int(max(predicted.max(), masks.max())) + 1
+    confusion = torch.bincount(masks.flatten() * num_classes + predicted.flatten(),
+                               minlength=num_classes**2).view(num_classes, num_classes)
     hits = confusion.diag().double()
     union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
     present = union > 0
-    miou = 100.0 * (hits[present] / union[present]).mean().item()
-    return miou, 100.0 * (hits.sum() / confusion.sum()).item()
+    return 100.0 * (hits[present] / union[present]).mean().item(), 100.0 * (hits.sum() / confusion.sum()).item()
+
+
+def segmentation_probe_miou(train_x: Tensor, train_masks: Tensor, test_x: Tensor, test_masks: Tensor,
+                            epochs: int = 30) -> tuple[float, float]:
+    """The test set's (mean IoU, pixel accuracy) in percent of a :func:`segmentation_probe` trained
+    on the training feature maps and masks."""
+    head = segmentation_probe(train_x, train_masks, epochs)
+    return segmentation_scores(predict_masks(head, test_x), test_masks)
 
 
 def collapse_std(projection: Tensor) -> Tensor:
@@ -109,3 +129,17 @@ def collapse_std(projection: Tensor) -> Tensor:
     process's projections), so that the value does not depend on how the batch is split."""
     z = F.normalize(projection.float(), dim=1)
     return z.std(dim=0).mean() * math.sqrt(z.shape[1])
+
+
+def first_per_class(labels: Tensor, per_class: int) -> Tensor:
+    """Indices of the first ``per_class`` examples of every class (in the data's order): the labeled
+    subset of a label-budget experiment, the same for every method compared."""
+    return torch.cat([(labels == c).nonzero().flatten()[:per_class] for c in labels.unique()])
+
+
+def linear_probe_by_labels(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                           budgets: tuple[int, ...] = (1, 5, 10, 50)) -> dict[int, float]:
+    """Linear-probe top-1 (%) with only ``n`` labeled training images per class, for each ``n``:
+    how many labels a representation needs."""
+    return {n: linear_probe_top1(train_x[index], train_y[index], test_x, test_y)
+            for n in budgets for index in [first_per_class(train_y, n)]}
