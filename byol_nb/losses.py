@@ -12,15 +12,17 @@ from torch import Tensor
 from byol_nb.distributed import global_mean, rank
 
 
-def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
-    """Per-sample ``2 - 2 cos(q, z')`` (B,). The target is detached here: it is a stop-gradient.
+def byol_loss(prediction: Tensor, target: Tensor, stop_gradient: bool = True) -> Tensor:
+    """Per-sample ``2 - 2 cos(q, z')`` (B,). The target is detached here: it is a stop-gradient
+    (``stop_gradient=False`` only for lesson 02's ablation, where the loss then collapses).
 
     Computed in float32 at least: under bf16 autocast the heads' outputs are bf16, and a cosine in
     bf16 keeps about three significant digits, while near convergence the loss and its gradient
     live in the third digit (cos 0.995 and 0.999 are one bf16 step apart).
     """
     dtype = torch.promote_types(prediction.dtype, torch.float32)
-    return 2 - 2 * F.cosine_similarity(prediction.to(dtype), target.detach().to(dtype), dim=-1)
+    target = target.detach() if stop_gradient else target
+    return 2 - 2 * F.cosine_similarity(prediction.to(dtype), target.to(dtype), dim=-1)
 
 
 def symmetric_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
@@ -34,7 +36,8 @@ def symmetric_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tenso
     return (byol_loss(p1, z2) + byol_loss(p2, z1)).mean()
 
 
-def multi_crop_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, local: Sequence[Tensor]) -> Tensor:
+def multi_crop_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, local: Sequence[Tensor],
+                         stop_gradient: bool = True) -> Tensor:
     """BYOL's loss with multi-crop views: each local view's prediction also predicts both main
     views' target projections (the target sees only the main views, as in DINO and SwAV).
 
@@ -42,9 +45,9 @@ def multi_crop_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, local: 
     (the main pair counts once, each local view once): with no local views this is
     :func:`symmetric_byol_loss` exactly, and with them the loss keeps its scale.
     """
-    total = byol_loss(p1, z2) + byol_loss(p2, z1)
+    total = byol_loss(p1, z2, stop_gradient) + byol_loss(p2, z1, stop_gradient)
     for prediction in local:
-        total = total + byol_loss(prediction, z1) + byol_loss(prediction, z2)
+        total = total + byol_loss(prediction, z1, stop_gradient) + byol_loss(prediction, z2, stop_gradient)
     return total.mean() / (1 + len(local))
 
 

@@ -173,16 +173,17 @@ class BYOLNetworks(nn.Module):
             target_fmap, target = self.target(views)
         return Outputs(fmap, projection, target_fmap, target)
 
-    def instance_loss(self, outputs: Outputs, local: Sequence[Tensor] = (), use_predictor: bool = True) -> Tensor:
+    def instance_loss(self, outputs: Outputs, local: Sequence[Tensor] = (), use_predictor: bool = True,
+                      stop_gradient: bool = True) -> Tensor:
         """BYOL's loss for :meth:`forward`'s outputs of the two views: each view's prediction
         against the other view's target projection, summed (``byol_nb.losses``).
 
         ``local``: the online projections of each extra multi-crop view, which predict both main
-        views' targets (through the predictor in one pass, as the module computes them). ``use_predictor=False`` compares the online projection with the target
-        directly (the collapse ablation of lesson 02).
+        views' targets (through the predictor in one pass, as the module computes them).
+        ``use_predictor=False`` and ``stop_gradient=False`` are lesson 02's collapse ablations.
         """
         predict = self.predictor if use_predictor else nn.Identity()
         p1, p2 = predict(outputs.projection).chunk(2)
         z1, z2 = outputs.target.chunk(2)
         local_predictions = predict(torch.cat(list(local))).chunk(len(local)) if local else ()
-        return multi_crop_byol_loss(p1, p2, z1, z2, local_predictions)
+        return multi_crop_byol_loss(p1, p2, z1, z2, local_predictions, stop_gradient)

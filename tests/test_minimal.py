@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from byol_nb.augment import AugmentConfig
+from byol_nb.losses import byol_loss
 from byol_nb.minimal import train_minimal
 
 
@@ -48,3 +52,16 @@ def test_knn_monitor_scores_before_during_and_after(images):
                                monitor=(labeled, labeled), monitor_every=2)
     assert history["knn_step"] == [0, 2, 3]
     assert all(0 <= v <= 100 for v in history["knn"])
+
+
+def test_without_stop_gradient_the_gradient_flows_through_both_branches():
+    p, z = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    byol_loss(p, z, stop_gradient=False).sum().backward()
+    assert p.grad is not None and z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_the_ablations_and_the_course_recipe_train(images):
+    recipe = AugmentConfig(16, crop_scale=(0.35, 1.0), jitter=(0.4, 0.4, 0.4, 0.5))
+    for switches in ({"use_stop_grad": False}, {"augment": recipe, "optimizer": "lars", "lr": 1.0, "warmup_steps": 1}):
+        _, history = train_minimal(images, steps=3, batch_size=4, hidden_dim=16, out_dim=8, **switches)
+        assert len(history["loss"]) == 3 and all(math.isfinite(v) for v in history["loss"])
