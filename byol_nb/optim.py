@@ -25,9 +25,9 @@ class LARS(torch.optim.Optimizer):
         b = m b + d
         w = w - lr b
 
-    Parameter groups with ``lars=False`` (biases and normalisation layers, see
-    :func:`parameter_groups`) get neither the rescaling nor weight decay, as in the paper. The
-    trust ratio stays on the parameters' device: the step never waits for a value to reach the host.
+    Parameter groups with ``lars=False`` skip the rescaling: :func:`parameter_groups` puts biases
+    and normalisation layers there, without weight decay, as in the paper. The trust ratio stays on
+    the parameters' device: the step never waits for a value to reach the host.
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,

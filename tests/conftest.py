@@ -13,7 +13,8 @@ from hypothesis import settings
 from byol_nb.shapes import generate_shapes
 
 REPO = Path(__file__).resolve().parent.parent
-CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-subset.tar"
+# The real-image subset's archive: BYOL_NB_PHOTOS_TAR, or the shared folder next to the repository.
+CIFAR_TAR = Path(os.environ.get("BYOL_NB_PHOTOS_TAR", REPO.parent / "shared" / "data" / "cifar10-subset.tar"))
 CIFAR_DIR = REPO / "data" / "cifar10-subset"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
