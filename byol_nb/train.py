@@ -84,8 +84,8 @@ def build_trainer(args: argparse.Namespace, callbacks: list[pl.Callback], logger
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))  # signals are handled at step boundaries (resume.py)
-    if not args.no_progress:
-        callbacks = [*callbacks, ProgressBar()]
+    if not args.no_progress:  # redrawn as often as its values change, not once per step
+        callbacks = [*callbacks, ProgressBar(refresh_rate=args.log_every_n_steps)]
     return pl.Trainer(
         accelerator=args.accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
         max_epochs=args.max_epochs if args.max_steps is None else -1, max_steps=args.max_steps or -1,

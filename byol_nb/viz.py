@@ -205,8 +205,11 @@ def plot_lines(series: dict, title: str = "", xlabel: str = "step", ylabel: str 
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if logy:
         ax.set_yscale("log")
-    if logx:
+    if logx:  # ticks at the values themselves, written as plain numbers
         ax.set_xscale("log")
+        ax.set_xticks(sorted({float(v) for values in series.values() if isinstance(values, tuple) for v in values[0]}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -677,19 +680,20 @@ def cell_similarity(feature_maps: "torch.Tensor", index: int, cell: tuple[int, i
 
 def plot_cell_similarity(feature_maps: "torch.Tensor", images: "torch.Tensor", index: int, cell: tuple[int, int],
                          remove_position: bool = True, panel: float = 1.6):
-    """The images, each with a heat map of :func:`cell_similarity` to the chosen cell (outlined) laid
-    over it: where the network sees what it sees in that cell."""
+    """The images, the chosen cell outlined on image ``index``, and under each a heat map of every
+    cell's :func:`cell_similarity` to the chosen one: where the network sees what it sees there."""
     similarity = cell_similarity(feature_maps, index, cell, remove_position)
     n, (height, width), side = len(images), similarity.shape[-2:], images.shape[-1]
-    fig, axes = plt.subplots(1, n, figsize=(panel * n, panel + 0.5), squeeze=False)
-    for i, ax in enumerate(axes[0]):
-        ax.imshow(to_display(images[i]), interpolation="nearest")
-        shown = ax.imshow(similarity[i].numpy(), cmap="magma", vmin=-1, vmax=1, alpha=0.6,
-                          extent=(-0.5, side - 0.5, side - 0.5, -0.5), interpolation="nearest")
-        ax.axis("off")
+    fig, axes = plt.subplots(2, n, figsize=(panel * n + 0.8, 2 * panel + 0.2), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(to_display(images[i]), interpolation="nearest")
+        shown = axes[1, i].imshow(similarity[i].numpy(), cmap="magma", vmin=-1, vmax=1, interpolation="nearest")
+        for ax in axes[:, i]:
+            ax.axis("off")
     row, col = cell
     cell_h, cell_w = side / height, side / width
     axes[0, index].add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, fill=False,
                                        edgecolor="cyan", linewidth=2))
-    fig.colorbar(shown, ax=axes[0].tolist(), fraction=0.02, label="cosine to the outlined cell")
+    axes[1, index].add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=2))
+    fig.colorbar(shown, ax=axes[1].tolist(), fraction=0.02, label="cosine to the outlined cell")
     return fig

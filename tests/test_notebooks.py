@@ -80,8 +80,11 @@ def execute(path: Path, tmp_path: Path, times: int = 1) -> list:
     return notebook.cells
 
 
-def figures_of(cells: list) -> list:
-    return [o for c in cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+def assert_ran_cleanly(path: Path, cells: list) -> None:
+    """No cell raised, and the lesson showed at least one figure."""
+    outputs = [o for c in cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert [o for o in outputs if "image/png" in o.get("data", {})], f"{path.name} shows no figure"
 
 
 @pytest.mark.notebooks
@@ -96,10 +99,7 @@ def test_notebook_executes_in_fast_mode(path: Path, runs_dir: Path, tmp_path: Pa
     monkeypatch.setenv("FAST", "1")
     monkeypatch.setenv("BYOL_NB_RUNS", str(runs_dir))
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-    cells = execute(path, tmp_path, times=2)
-    errors = [o for c in cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors
-    assert figures_of(cells), f"{path.name} shows no figure"
+    assert_ran_cleanly(path, execute(path, tmp_path, times=2))
 
 
 FULL_MODE_STEPS = 3
@@ -117,7 +117,4 @@ def test_notebook_executes_in_full_mode_through_every_training_call(path: Path, 
     monkeypatch.setenv("BYOL_NB_MAX_STEPS", str(FULL_MODE_STEPS))
     monkeypatch.setenv("BYOL_NB_RUNS", str(full_runs_dir))
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-    cells = execute(path, tmp_path)
-    errors = [o for c in cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors
-    assert figures_of(cells), f"{path.name} shows no figure"
+    assert_ran_cleanly(path, execute(path, tmp_path))
