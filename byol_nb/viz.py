@@ -230,20 +230,26 @@ def plot_bars(values: dict[str, float], title: str = "", ylabel: str = "", fmt: 
     return fig
 
 
-def image_rows(rows: dict[str, "torch.Tensor"], size: float = 1.2):
+def image_rows(rows: dict[str, "torch.Tensor"], size: float = 1.2, title: str = ""):
     """One row of images (N, 3, H, W) per entry, the entry's name written left of the row."""
-    ncols = max(len(images) for images in rows.values())
+    return _named_rows({name: [to_display(image) for image in images] for name, images in rows.items()}, size, title)
+
+
+def _named_rows(rows: dict[str, list[np.ndarray]], size: float, title: str = ""):
+    """A grid of pictures (anything ``imshow`` draws), one named row per entry, no axes."""
+    ncols = max(len(pictures) for pictures in rows.values())
     fig, axes = plt.subplots(len(rows), ncols, figsize=(size * ncols + 1.0, size * len(rows)), squeeze=False)
-    for r, (name, images) in enumerate(rows.items()):
-        for c in range(ncols):
-            ax = axes[r, c]
+    for r, (name, pictures) in enumerate(rows.items()):
+        for c, ax in enumerate(axes[r]):
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_visible(False)
-            if c < len(images):
-                ax.imshow(to_display(images[c]), interpolation="nearest")
+            if c < len(pictures):
+                ax.imshow(pictures[c], interpolation="nearest")
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -279,18 +285,10 @@ def plot_mask_predictions(images: "torch.Tensor", masks: "torch.Tensor", predict
                           size: float = 1.3):
     """Images (N, 3, H, W), their true masks (N, H, W) and each method's predicted masks, one row
     each, in the colours of :func:`colour_mask` (black: background)."""
-    rows = {"image": None, "true mask": masks, **predictions}
-    n = len(images)
-    fig, axes = plt.subplots(len(rows), n, figsize=(size * n + 1.2, size * len(rows)), squeeze=False)
-    for r, (name, shown) in enumerate(rows.items()):
-        for i in range(n):
-            ax = axes[r, i]
-            ax.imshow(to_display(images[i]) if shown is None else colour_mask(shown[i]), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    fig.tight_layout()
-    return fig
+    mask_rows = {"true mask": masks, **predictions}
+    rows = {"image": [to_display(image) for image in images],
+            **{name: [colour_mask(mask) for mask in shown] for name, shown in mask_rows.items()}}
+    return _named_rows(rows, size)
 
 
 def plot_box_sets(box_sets: dict[str, "torch.Tensor"], size: float = 3.0):

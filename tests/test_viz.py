@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 
@@ -83,8 +84,18 @@ def test_plot_lines_and_bars():
 
 
 def test_image_rows_one_row_per_entry(images):
-    fig = viz.image_rows({"a": images[:3], "b": images[:5]})
+    fig = viz.image_rows({"a": images[:3], "b": images[:5]}, title="neighbours")
     assert len(fig.axes) == 10 and fig.axes[0].get_ylabel() == "a" and fig.axes[5].get_ylabel() == "b"
+    assert fig._suptitle.get_text() == "neighbours"
+    _close(fig)
+
+
+def test_plot_mask_predictions_shows_images_true_masks_and_each_prediction():
+    masks = torch.tensor([[[0, 1], [2, 3]], [[0, 0], [1, 1]]])
+    fig = viz.plot_mask_predictions(torch.zeros(2, 3, 2, 2, dtype=torch.uint8), masks, {"probe": masks.flip(-1)})
+    assert [fig.axes[r * 2].get_ylabel() for r in range(3)] == ["image", "true mask", "probe"]
+    np.testing.assert_array_equal(fig.axes[2].images[0].get_array(), viz.colour_mask(masks[0]))
+    np.testing.assert_array_equal(fig.axes[5].images[0].get_array(), viz.colour_mask(masks[1].flip(-1)))
     _close(fig)
 
 
