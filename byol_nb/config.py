@@ -126,16 +126,19 @@ def check_config(config: TrainConfig) -> None:
 
 # The TrainConfig fields a data preset may set; their flags default to "left out" (argparse.SUPPRESS)
 # so that a flag given on the command line always wins.
-PRESET_FLAGS = ("jitter", "local_views", "tau_base", "weight_decay")
+PRESET_FLAGS = ("jitter", "local_views", "tau_base", "weight_decay", "warmup_steps")
 # A run's length when neither --max-epochs nor --max-steps is given and the data has no preset.
 DEFAULT_EPOCHS = 50
 # The built-in shapes have random colours, so colour never tells a class: a full turn of hue (0.5)
 # takes the palette away as a shortcut (photos keep the paper's jitter, their colours mean
 # something). One local view, a faster target and weight decay 1e-5 were the best recipe tried on
-# them in a CPU budget of minutes (the README's "Defaults for small data").
+# them in a CPU budget of minutes (the README's "Defaults for small data"). The longer warmup (a
+# tenth of the run, the cap in BYOLModule.configure_optimizers) keeps the first full-size steps from
+# scrambling the random network's features before the target can guide them: with 50 steps some
+# seeds spent most of the run recovering.
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "shapes": {"jitter": (0.4, 0.4, 0.4, 0.5), "local_views": 1, "tau_base": 0.98, "weight_decay": 1e-5,
-               "max_epochs": 40},
+               "warmup_steps": 100, "max_epochs": 40},
 }
 
 
@@ -236,7 +239,9 @@ def build_parser() -> TrainParser:
     opt.add_argument("--lr", type=float, default=d.lr, help="per 256 images of global batch")
     opt.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS,
                      help=f"default: {d.weight_decay}; {shapes['weight_decay']} with --data shapes")
-    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    opt.add_argument("--warmup-steps", type=int, default=argparse.SUPPRESS,
+                     help=f"linear warmup, at most a tenth of the run (default: {d.warmup_steps}; "
+                          f"{shapes['warmup_steps']} with --data shapes)")
     opt.add_argument("--tau-base", type=float, default=argparse.SUPPRESS,
                      help=f"EMA momentum at step 0 (default: {d.tau_base}; {shapes['tau_base']} with --data shapes)")
     opt.add_argument("--seed", type=int, default=d.seed)

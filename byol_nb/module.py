@@ -182,7 +182,7 @@ class BYOLModule(pl.LightningModule):
         # The target's parameters have requires_grad=False, so only the online side is optimised.
         optimizer = build_optimizer(self.config.optimizer, self.nets, lr, self.config.weight_decay)
         total = self.total_steps()
-        warmup = min(self.config.warmup_steps, max(1, total // 10))
+        warmup = min(self.config.warmup_steps, max(1, total // 10))  # a short run must not be all warmup
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -113,9 +113,12 @@ PLAIN = config.TrainConfig()
 
 @pytest.mark.parametrize("flags, expected", [
     (["--data", "shapes"], dict(jitter=SHAPES["jitter"], local_views=SHAPES["local_views"], tau_base=SHAPES["tau_base"],
-                                weight_decay=SHAPES["weight_decay"], max_epochs=SHAPES["max_epochs"])),
+                                weight_decay=SHAPES["weight_decay"], warmup_steps=SHAPES["warmup_steps"],
+                                max_epochs=SHAPES["max_epochs"])),
     (["--data", "some/photos"], dict(jitter=PLAIN.jitter, local_views=PLAIN.local_views, tau_base=PLAIN.tau_base,
-                                     weight_decay=PLAIN.weight_decay, max_epochs=config.DEFAULT_EPOCHS)),
+                                     weight_decay=PLAIN.weight_decay, warmup_steps=PLAIN.warmup_steps,
+                                     max_epochs=config.DEFAULT_EPOCHS)),
+    (["--data", "shapes", "--warmup-steps", "7"], dict(warmup_steps=7, tau_base=SHAPES["tau_base"])),
     (["--data", "shapes", "--jitter", "0.1", "0.2", "0.3", "0.4"], dict(jitter=(0.1, 0.2, 0.3, 0.4))),
     (["--data", "shapes", "--local-views", "0", "--tau-base", "0.9", "--weight-decay", "0"],
      dict(local_views=0, tau_base=0.9, weight_decay=0.0, jitter=SHAPES["jitter"])),
