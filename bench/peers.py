@@ -138,8 +138,7 @@ def train_byol_nb(setup: Setup, paired: bool = False) -> Trained:
     config = TrainConfig(image_size=setup.size, batch_size=setup.batch, proj_hidden=HIDDEN, proj_dim=OUT,
                          seed=setup.seed)
     module = byol_nb_module(config, setup.device)
-    hwc = setup.pixels.permute(0, 2, 3, 1).numpy()
-    dataset = TensorImages(hwc, [-1] * len(hwc), setup.size, classes=[])
+    dataset = TensorImages(setup.pixels.numpy(), [-1] * len(setup.pixels), setup.size, classes=[], channels_first=True)
     precision = resolve_precision(setup.precision, "auto")
     bf16 = precision == "bf16-mixed"
     if paired:

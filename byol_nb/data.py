@@ -3,8 +3,9 @@
 Every dataset here yields ``(image, label)`` with ``image`` a uint8 tensor (3, S, S) and ``label`` an
 int (-1 when unlabeled). Images stay uint8 until they reach the training device: the two-view
 augmentation runs there, batched (see :mod:`byol_nb.augment`), so the loader only decodes and
-resizes. Small datasets are decoded once into one uint8 tensor (``cache``), which removes decoding
-from the training loop entirely.
+resizes. Datasets that fit are decoded once into one uint8 array that every process of the machine
+shares (:mod:`byol_nb.disk_cache`), which removes decoding from the training loop entirely; larger
+folders are decoded in the DataLoader's worker processes (:func:`loader_workers`).
 
 Sources, by the ``--data`` value:
 
@@ -30,11 +31,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from byol_nb import shapes
 from byol_nb.devices import limit_threads_after_fork
+from byol_nb.disk_cache import cached_array, file_stamps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 NAMED_DATASETS = ("shapes", "cifar10", "stl10")
 DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
-# Decode everything up front when the uint8 pixels fit in this many bytes (per process).
+# Decode a folder once into the shared disk cache when its uint8 pixels fit in this many bytes;
+# larger folders are decoded batch by batch in the DataLoader's workers.
 DEFAULT_CACHE_BYTES = 2 * 1024**3
 CROP_SOURCE_FACTOR = 2  # training images are decoded at this multiple of the view size
 
@@ -73,6 +76,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                image.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that is still >= size
                 image.load()
                 image = _to_rgb(image)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError,
@@ -81,7 +85,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
-    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
+    return np.array(image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
                                    reducing_gap=3.0))
 
 
@@ -124,31 +128,27 @@ class ImageFolder(Dataset):
     """A folder of images, robust to the files people really have.
 
     With ``cache`` (default: when the decoded pixels fit in ``DEFAULT_CACHE_BYTES``) all images
-    are decoded once here and unreadable ones are dropped with one warning that counts them.
-    Without it, each header is checked here and decoding happens in ``__getitem__``; a file that
-    still fails then is replaced by the next readable one (and counted), so an epoch never
-    crashes half-way.
+    are decoded once, into a file that every process and later run shares (:mod:`byol_nb.disk_cache`;
+    a changed folder is decoded again), and unreadable ones are dropped with one warning that counts
+    them. Without it, each header is checked here and decoding happens in ``__getitem__``, in the
+    DataLoader's workers; a file that still fails then is replaced by the next readable one (and
+    counted), so an epoch never crashes half-way.
     """
 
     def __init__(self, root: str | Path, image_size: int, cache: bool | None = None) -> None:
         self.root, self.image_size = Path(root), image_size
         files, labels, self.classes = find_images(root)
         if cache is None:
-            cache = len(files) * 3 * image_size**2 <= DEFAULT_CACHE_BYTES
-        self.skipped: list[str] = []
+            cache = fits_in_cache(len(files), image_size)
         self.pixels: torch.Tensor | None = None
         if cache:
-            decoded, kept = [], []
-            for path, label in zip(files, labels):
-                try:
-                    decoded.append(load_image(path, image_size))
-                    kept.append((path, label))
-                except UnreadableImage as error:
-                    self.skipped.append(str(error))
-            if decoded:
-                self.pixels = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
+            key = {"folder": str(self.root.resolve()), "size": image_size, "files": file_stamps(files)}
+            pixels, meta = cached_array("folder", key, lambda: _decode_all(files, image_size))
+            kept = [(files[i], labels[i]) for i in meta["kept"]]
+            self.skipped: list[str] = meta["skipped"]
+            self.pixels = torch.from_numpy(pixels) if kept else None
         else:
-            kept = []
+            kept, self.skipped = [], []
             for path, label in zip(files, labels):
                 try:
                     with Image.open(path) as image:
@@ -188,16 +188,43 @@ class ImageFolder(Dataset):
         raise DataError(f"no image under {str(self.root)!r} could be decoded")
 
 
-class TensorImages(Dataset):
-    """uint8 images already in memory (torchvision sets), resized once to ``image_size``."""
+def fits_in_cache(count: int, image_size: int) -> bool:
+    """Whether ``count`` decoded images of ``image_size`` px fit in ``DEFAULT_CACHE_BYTES``."""
+    return count * 3 * image_size**2 <= DEFAULT_CACHE_BYTES
 
-    def __init__(self, images: np.ndarray, labels: Sequence[int], image_size: int, classes: list[str]) -> None:
-        pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        if pixels.shape[-1] != image_size:
-            pixels = torch.nn.functional.interpolate(pixels.float(), size=image_size, mode="bilinear",
-                                                     antialias=True, align_corners=False)
-            pixels = pixels.round().clamp(0, 255).to(torch.uint8)
-        self.pixels, self.labels, self.classes = pixels.contiguous(), list(labels), classes
+
+def _decode_all(files: Sequence[Path], image_size: int) -> tuple[np.ndarray, dict]:
+    """Every readable file decoded into one (kept, 3, S, S) uint8 array, and which files it holds
+    (``kept``: indices into ``files``) or skipped (``skipped``: the errors)."""
+    pixels = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
+    kept: list[int] = []
+    skipped: list[str] = []
+    for i, path in enumerate(files):
+        try:
+            pixels[len(kept)] = load_image(path, image_size).transpose(2, 0, 1)
+            kept.append(i)
+        except UnreadableImage as error:
+            skipped.append(str(error))
+    return pixels[:len(kept)], {"kept": kept, "skipped": skipped}
+
+
+class TensorImages(Dataset):
+    """uint8 images already in memory (torchvision sets), resized once to ``image_size``.
+
+    ``images`` is (N, H, W, 3) or, with ``channels_first``, (N, 3, H, W), as torchvision stores
+    CIFAR-10 and STL-10. At its own size the array is used as it is (no copy); otherwise it is
+    resized in chunks of ``RESIZE_CHUNK`` images into one uint8 tensor, so memory grows with the
+    data in uint8, never with a float copy of the whole set.
+    """
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], image_size: int, classes: list[str],
+                 channels_first: bool = False) -> None:
+        pixels = torch.from_numpy(images)
+        if not channels_first:
+            pixels = pixels.permute(0, 3, 1, 2)
+        if pixels.shape[-1] != image_size or pixels.shape[-2] != image_size:
+            pixels = resize_uint8(pixels, image_size)
+        self.pixels, self.labels, self.classes = pixels, list(labels), classes
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -206,21 +233,50 @@ class TensorImages(Dataset):
         return self.pixels[index], self.labels[index]
 
 
+RESIZE_CHUNK = 1024  # images resized at once: 1024 x 3 x 96 x 96 floats are 113 MB
+
+
+def resize_uint8(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 images (N, 3, H, W) to (N, 3, size, size), antialiased, chunk by chunk."""
+    out = torch.empty((len(pixels), 3, size, size), dtype=torch.uint8)
+    for start in range(0, len(pixels), RESIZE_CHUNK):
+        chunk = pixels[start:start + RESIZE_CHUNK].float()
+        chunk = torch.nn.functional.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        out[start:start + RESIZE_CHUNK] = chunk.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
 def _torchvision_dataset(name: str, split: str, image_size: int, download: bool) -> TensorImages:
+    """CIFAR-10 or STL-10 (``split``: train, test, or STL-10's labeled-train), downloaded into
+    ``data/NAME`` when missing, at ``image_size`` px; the uint8 pixels are read from the shared
+    disk cache, so the processes of a run hold one copy between them."""
     import torchvision
 
     root = DATA_ROOT / name
-    try:
+    stl_split = {"train": "unlabeled", "labeled-train": "train", "test": "test"}.get(split, split)
+
+    def load() -> TensorImages:
         if name == "cifar10":
             ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=download)
             return TensorImages(ds.data, ds.targets, image_size, list(ds.classes))
-        stl_split = {"train": "unlabeled", "labeled-train": "train", "test": "test"}[split]
         ds = torchvision.datasets.STL10(root, split=stl_split, download=download)
-        return TensorImages(ds.data.transpose(0, 2, 3, 1), [int(y) for y in ds.labels], image_size,
-                            list(ds.classes))
+        return TensorImages(ds.data, [int(y) for y in ds.labels], image_size, list(ds.classes), channels_first=True)
+
+    def build() -> tuple[np.ndarray, dict]:
+        images = load()
+        return images.pixels.contiguous().numpy(), {"labels": images.labels, "classes": images.classes}
+
+    try:
+        if not any(root.rglob("*")):
+            load()  # downloads the set once, so that the cache's key below sees its files
+        key = {"set": name, "split": split, "size": image_size,
+               "files": file_stamps(sorted(p for p in root.rglob("*") if p.is_file()))}
+        pixels, meta = cached_array(name, key, build)
     except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
         raise DataError(f"{name} is not in {root} and could not be downloaded ({error}); "
                         f"connect to the internet once, or pass a folder of images to --data") from error
+    return TensorImages(pixels, meta["labels"], image_size, meta["classes"], channels_first=True)
 
 
 @dataclass(frozen=True)
@@ -296,7 +352,7 @@ class SSLDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, data: str, val_data: str | None, image_size: int, batch_size: int,
-                 num_workers: int = 0, monitor_size: int = 2000, seed: int = 0) -> None:
+                 num_workers: int | None = None, monitor_size: int = 2000, seed: int = 0) -> None:
         super().__init__()
         self.spec = resolve_data(data, val_data)
         self.image_size, self.batch_size = image_size, batch_size
@@ -306,8 +362,21 @@ class SSLDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
 
     def prepare_data(self) -> None:
+        """Once per machine, before every process's :meth:`setup`: write the built-in data, download
+        named sets and fill the shared decode cache, so that the processes only read it."""
         if self.spec.train == str(shapes_root() / "train"):
             shapes.ensure_shapes(shapes_root())
+        for source, size in self._sources():
+            open_dataset(source, size)
+
+    def _sources(self) -> list[tuple[str, int]]:
+        """(source, image size) of every dataset the run opens."""
+        sources = [(self.spec.train, self.crop_source_size)]
+        if self.spec.val is not None:
+            sources.append((self.spec.val, self.image_size))
+            if self.spec.monitor_bank is not None:
+                sources.append((self.spec.monitor_bank, self.image_size))
+        return sources
 
     @property
     def crop_source_size(self) -> int:
@@ -342,6 +411,10 @@ class SSLDataModule(pl.LightningDataModule):
             raise DataError(f"{self.spec.train!r} has {len(self.train_set)} usable image(s){split} fewer than one "
                             f"batch of {self.batch_size} per process; lower --batch-size or add images")
 
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        """Optimizer steps in one pass over the training set split over ``world_size`` processes."""
+        return len(self.train_set) // world_size // self.batch_size
+
     def train_dataloader(self) -> DataLoader:
         """Batches in :class:`ResumableSampler` order, starting where the run's global step says.
 
@@ -351,17 +424,38 @@ class SSLDataModule(pl.LightningDataModule):
         trainer = self.trainer
         world, rank, step = (trainer.world_size, trainer.global_rank, trainer.global_step) if trainer else (1, 0, 0)
         sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, seed=self.seed)
-        epoch, batch = divmod(step, len(sampler) // self.batch_size)
+        epoch, batch = divmod(step, self.steps_per_epoch(world))
         sampler.start_at(epoch, batch * self.batch_size)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
+        return self._loader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.val_set is None:
             return []
-        return [DataLoader(ds, batch_size=256, shuffle=False, num_workers=self.num_workers)
-                for ds in (self.bank_set, self.val_set)]
+        return [self._loader(ds, batch_size=256, shuffle=False) for ds in (self.bank_set, self.val_set)]
+
+    def _loader(self, dataset: Dataset, **options) -> DataLoader:
+        """A DataLoader with ``--num-workers`` workers (default: :func:`loader_workers`), kept alive
+        between epochs and a few batches ahead; pinned memory only when the batches go to a GPU."""
+        trainer = self.trainer
+        per_node = trainer.num_devices if trainer is not None else 1
+        workers = self.num_workers if self.num_workers is not None else loader_workers(dataset, per_node)
+        streaming = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+        return DataLoader(dataset, num_workers=workers, **streaming, **options,
+                          pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda")
+
+
+MAX_WORKERS = 16
+
+
+def loader_workers(dataset: Dataset, processes_per_node: int = 1) -> int:
+    """Worker processes per DataLoader: none for images already decoded in memory (indexing them
+    costs less than handing batches between processes), otherwise the CPUs available to this
+    process less one for the training loop itself (at least one, at most ``MAX_WORKERS``)."""
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    if getattr(base, "pixels", None) is not None:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_WORKERS, cpus // max(1, processes_per_node) - 1))
 
 
 def _subset(dataset: Dataset, size: int) -> Dataset:

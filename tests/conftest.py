@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ CIFAR_TAR = Path(os.environ.get("BYOL_NB_PHOTOS_TAR", REPO.parent / "shared" / "
 CIFAR_DIR = REPO / "data" / "cifar10-subset"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Decoded images go to a fresh folder per test session (and the processes it starts), not data/cache.
+os.environ["BYOL_NB_CACHE"] = tempfile.mkdtemp(prefix="byol_nb_cache_")
 
 # CI (.ci/run) replays the same examples every run, so a submission is judged on the code, not on
 # which random inputs a run drew; locally the property tests keep exploring new ones.
