@@ -48,11 +48,13 @@ class TrainConfig:
     crop_min_scale: float = 0.35  # paper: 0.08; a crop of 8% of a 32 px image keeps little of the object
     jitter: tuple[float, float, float, float] = BYOL_JITTER
     grayscale_p: float = 0.2
+    blur: bool = True  # the paper's Gaussian blur (solo-learn's CIFAR recipe leaves it out)
     batch_size: int = 128  # per process
     optimizer: str = "lars"
     lr: float = 2.0  # paper: 0.2 with batch 4096 (ImageNet); short small-image runs need more
     weight_decay: float = 1.5e-6
     warmup_steps: int = 50  # paper: 10 epochs
+    warmup_epochs: float | None = None  # when set, the warmup in epochs instead (long runs)
     tau_base: float = 0.99  # paper: 0.996 (for 300+ epochs)
     proj_hidden: int = 1024  # paper: 4096
     proj_dim: int = 256
@@ -78,6 +80,12 @@ class TrainConfig:
     def pixel(self) -> bool:
         return self.method in PIXEL_METHODS
 
+    def warmup_length(self, steps_per_epoch: int, total_steps: int) -> int:
+        """The learning-rate warmup in steps: ``warmup_epochs`` converted when set, else
+        ``warmup_steps``; at most a tenth of the run, so that a short run is not all warmup."""
+        warmup = self.warmup_steps if self.warmup_epochs is None else round(self.warmup_epochs * steps_per_epoch)
+        return min(warmup, max(1, total_steps // 10))
+
 
 def check_config(config: TrainConfig) -> None:
     """Raise ValueError, naming the flag to change, for a configuration that cannot train."""
@@ -89,6 +97,9 @@ def check_config(config: TrainConfig) -> None:
     if min(brightness, contrast, saturation, hue) < 0 or hue > 0.5:
         raise ValueError(f"--jitter strengths must be 0 or more, with hue at most 0.5 (a half turn of the "
                          f"colour wheel), got {' '.join(str(v) for v in config.jitter)}")
+    if config.warmup_steps < 0 or (config.warmup_epochs is not None and config.warmup_epochs < 0):
+        raise ValueError(f"--warmup-steps and --warmup-epochs must be 0 or more, got "
+                         f"{config.warmup_epochs if config.warmup_epochs is not None else config.warmup_steps}")
     if not 0 <= config.grayscale_p <= 1:
         raise ValueError(f"--grayscale-p is a probability, in [0, 1], got {config.grayscale_p}")
     if config.local_views < 0:
@@ -126,35 +137,67 @@ def check_config(config: TrainConfig) -> None:
 
 # The TrainConfig fields a data preset may set; their flags default to "left out" (argparse.SUPPRESS)
 # so that a flag given on the command line always wins.
-PRESET_FLAGS = ("jitter", "local_views", "tau_base", "weight_decay", "warmup_steps")
+PRESET_FLAGS = ("image_size", "small_stem", "crop_min_scale", "jitter", "blur", "local_views", "proj_hidden",
+                "batch_size", "lr", "weight_decay", "warmup_steps", "warmup_epochs", "tau_base")
 # A run's length when neither --max-epochs nor --max-steps is given and the data has no preset.
 DEFAULT_EPOCHS = 50
-# The built-in shapes have random colours, so colour never tells a class: a full turn of hue (0.5)
-# takes the palette away as a shortcut (photos keep the paper's jitter, their colours mean
-# something). One local view, a faster target and weight decay 1e-5 were the best recipe tried on
-# them in a CPU budget of minutes (the README's "Defaults for small data"). The longer warmup (a
-# tenth of the run, the cap in BYOLModule.configure_optimizers) keeps the first full-size steps from
-# scrambling the random network's features before the target can guide them: with 50 steps some
-# seeds spent most of the run recovering.
+# Each named dataset's recipe, and where it comes from (the help text and the README cite it).
+#
+# shapes: random colours, so colour never tells a class: a full turn of hue (0.5) takes the palette
+# away as a shortcut. One local view, a faster target and weight decay 1e-5 were the best recipe
+# tried on them in a CPU budget of minutes (the README's "Defaults for small data"). The longer
+# warmup (a tenth of the run, the cap in BYOLModule.configure_optimizers) keeps the first full-size
+# steps from scrambling the random network's features before the target can guide them: with 50
+# steps some seeds spent most of the run recovering.
+# cifar10: solo-learn's BYOL recipe for CIFAR (scripts/pretrain/cifar/byol.yaml, with its asymmetric
+# augmentations: no blur; ResNet-18 with the CIFAR stem). lightly's CIFAR-10 benchmark reports about
+# 87% kNN for BYOL with a ResNet-18 after 200 epochs; solo-learn 92.6% linear after 1000.
+# stl10: the BYOL paper's ImageNet recipe (Grill et al. 2020, section 3.3 and appendix C) at STL-10's
+# 96 px: LARS at 0.2 per 256 images, weight decay 1.5e-6, tau 0.996, 10 warmup epochs.
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "shapes": {"jitter": (0.4, 0.4, 0.4, 0.5), "local_views": 1, "tau_base": 0.98, "weight_decay": 1e-5,
                "warmup_steps": 100, "max_epochs": 40},
+    "cifar10": {"small_stem": True, "crop_min_scale": 0.08, "blur": False, "proj_hidden": 4096, "batch_size": 256,
+                "lr": 1.0, "weight_decay": 1e-5, "warmup_epochs": 10, "max_epochs": 200},
+    "stl10": {"image_size": 96, "crop_min_scale": 0.08, "proj_hidden": 4096, "batch_size": 256, "lr": 0.2,
+              "warmup_epochs": 10, "tau_base": 0.996, "max_epochs": 200},
 }
+PRESET_SOURCES = {"shapes": "tuned here", "cifar10": "from solo-learn", "stl10": "from the BYOL paper"}
 
 
 def apply_data_defaults(args: argparse.Namespace) -> None:
     """Fill the flags that were left out from ``DATA_DEFAULTS[args.data]``, else from TrainConfig
     (and DEFAULT_EPOCHS). A preset's local views are BYOL's only: the pixel methods pair the two
-    main views and refuse them, so there they stay at TrainConfig's 0."""
+    main views and refuse them, so there they stay at TrainConfig's 0. A warmup given either way
+    (``--warmup-steps`` or ``--warmup-epochs``) replaces the preset's warmup, whichever way it is set."""
     preset, defaults = dict(DATA_DEFAULTS.get(args.data, {})), TrainConfig()
     if args.method in PIXEL_METHODS:
         preset.pop("local_views", None)
+    if any(getattr(args, name, None) is not None for name in ("warmup_steps", "warmup_epochs")):
+        preset.pop("warmup_steps", None)
+        preset.pop("warmup_epochs", None)
     for name in PRESET_FLAGS:
         if getattr(args, name, None) is None:
             setattr(args, name, preset.get(name, getattr(defaults, name)))
     args.jitter = tuple(args.jitter)
     if args.max_epochs is None and args.max_steps is None:
         args.max_epochs = preset.get("max_epochs", DEFAULT_EPOCHS)
+
+
+def _preset_help(name: str, what: str = "") -> str:
+    """``what``, then the flag's default and each preset's value with its source."""
+    plain = getattr(TrainConfig(), name) if name != "max_epochs" else DEFAULT_EPOCHS
+    values = [f"--data {data}: {_value(preset[name])}, {PRESET_SOURCES[data]}"
+              for data, preset in DATA_DEFAULTS.items() if name in preset]
+    return f"{what}{' ' if what else ''}(default: {_value(plain)}" + "".join(f"; {v}" for v in values) + ")"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -192,7 +235,7 @@ class TrainParser(argparse.ArgumentParser):
 
 def build_parser() -> TrainParser:
     d = TrainConfig()
-    shapes = DATA_DEFAULTS["shapes"]
+    preset = dict(default=argparse.SUPPRESS)  # a flag that a --data preset may set: left out unless given
     p = TrainParser(prog="python -m byol_nb.train", description="Self-supervised pretraining (BYOL, PixPro).",
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
@@ -200,28 +243,32 @@ def build_parser() -> TrainParser:
                       help="'shapes' (built-in), 'cifar10', 'stl10', or a folder of images")
     data.add_argument("--val-data", default=None,
                       help="labeled folder (one sub-folder per class) for the kNN monitor; --data must be labeled too")
-    data.add_argument("--image-size", type=int, default=d.image_size)
-    data.add_argument("--crop-min-scale", type=float, default=d.crop_min_scale,
-                      help="smallest crop area, as a fraction of the image (paper: 0.08)")
-    data.add_argument("--jitter", type=float, nargs=4, default=argparse.SUPPRESS, metavar=("B", "C", "S", "H"),
-                      help="colour jitter strengths: brightness, contrast, saturation, hue (hue at most 0.5; "
-                           f"default: {_strengths(d.jitter)}, the paper's; {_strengths(shapes['jitter'])} "
-                           f"with --data shapes)")
+    data.add_argument("--image-size", type=int, **preset, help=_preset_help("image_size", "side of the views in px"))
+    data.add_argument("--crop-min-scale", type=float, **preset,
+                      help=_preset_help("crop_min_scale", "smallest crop area, as a fraction of the image (paper: 0.08)"))
+    data.add_argument("--jitter", type=float, nargs=4, **preset, metavar=("B", "C", "S", "H"),
+                      help=_preset_help("jitter", "colour jitter strengths: brightness, contrast, saturation, hue "
+                                                  "(hue at most 0.5; the paper's: 0.4 0.4 0.2 0.1)"))
+    data.add_argument("--blur", action=argparse.BooleanOptionalAction, **preset,
+                      help=_preset_help("blur", "Gaussian blur in the views (always in view 1, 10%% of view 2)"))
     data.add_argument("--grayscale-p", type=float, default=d.grayscale_p,
                       help="probability that a view is turned grayscale (1: colour never tells two images apart)")
-    data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: cached in memory)")
+    data.add_argument("--num-workers", type=int, default=None,
+                      help="DataLoader workers per process (None: 0 when the images fit in the shared decode "
+                           "cache, else the CPUs per process less one, at most 16)")
     model = p.add_argument_group("model")
     model.add_argument("--method", choices=METHODS, default=d.method)
     model.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
-    model.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=d.small_stem,
-                       help="3x3 stride-1 stem without max-pool, for small images (8x larger feature maps)")
+    model.add_argument("--small-stem", action=argparse.BooleanOptionalAction, **preset,
+                       help=_preset_help("small_stem", "3x3 stride-1 stem without max-pool, for small images "
+                                                       "(feature maps 4x larger on each side)"))
     model.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (online)")
-    model.add_argument("--proj-hidden", type=int, default=d.proj_hidden)
+    model.add_argument("--proj-hidden", type=int, **preset,
+                       help=_preset_help("proj_hidden", "hidden width of projector and predictor (paper: 4096)"))
     model.add_argument("--proj-dim", type=int, default=d.proj_dim)
-    model.add_argument("--local-views", type=int, default=argparse.SUPPRESS,
-                       help="multi-crop (--method byol): extra small views per image, each predicting both main "
-                            f"views' targets (default: {d.local_views}; {shapes['local_views']} with --data shapes "
-                            f"and --method byol)")
+    model.add_argument("--local-views", type=int, **preset,
+                       help=_preset_help("local_views", "multi-crop (--method byol only): extra small views per "
+                                                        "image, each predicting both main views' targets"))
     model.add_argument("--local-size", type=int, default=d.local_size,
                        help="side of the local views in pixels (default: half of --image-size)")
     model.add_argument("--instance-weight", type=float, default=d.instance_weight,
@@ -229,21 +276,22 @@ def build_parser() -> TrainParser:
     model.add_argument("--pixel-threshold", type=float, default=d.pixel_threshold,
                        help="pixel methods: cells closer than this (in cell diagonals) are positive pairs")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    opt.add_argument("--batch-size", type=int, **preset, help=_preset_help("batch_size", "per process"))
     steps = opt.add_mutually_exclusive_group()
     steps.add_argument("--max-epochs", type=int, default=None,
-                       help=f"default: {DEFAULT_EPOCHS} when --max-steps is not given either "
-                            f"({shapes['max_epochs']} with --data shapes)")
+                       help=_preset_help("max_epochs", "when --max-steps is not given either"))
     steps.add_argument("--max-steps", type=int, default=None)
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    opt.add_argument("--lr", type=float, default=d.lr, help="per 256 images of global batch")
-    opt.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS,
-                     help=f"default: {d.weight_decay}; {shapes['weight_decay']} with --data shapes")
-    opt.add_argument("--warmup-steps", type=int, default=argparse.SUPPRESS,
-                     help=f"linear warmup, at most a tenth of the run (default: {d.warmup_steps}; "
-                          f"{shapes['warmup_steps']} with --data shapes)")
-    opt.add_argument("--tau-base", type=float, default=argparse.SUPPRESS,
-                     help=f"EMA momentum at step 0 (default: {d.tau_base}; {shapes['tau_base']} with --data shapes)")
+    opt.add_argument("--lr", type=float, **preset,
+                     help=_preset_help("lr", "per 256 images of global batch (paper: 0.2 with LARS)"))
+    opt.add_argument("--weight-decay", type=float, **preset, help=_preset_help("weight_decay", "(paper: 1.5e-6)"))
+    warmup = opt.add_mutually_exclusive_group()
+    warmup.add_argument("--warmup-steps", type=int, **preset,
+                        help=_preset_help("warmup_steps", "linear warmup, at most a tenth of the run"))
+    warmup.add_argument("--warmup-epochs", type=float, **preset,
+                        help=_preset_help("warmup_epochs", "the warmup in epochs instead (paper: 10)"))
+    opt.add_argument("--tau-base", type=float, **preset,
+                     help=_preset_help("tau_base", "EMA momentum at step 0 (paper: 0.996)"))
     opt.add_argument("--seed", type=int, default=d.seed)
     hw = p.add_argument_group("hardware")
     hw.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto")
@@ -272,10 +320,6 @@ def build_parser() -> TrainParser:
     return p
 
 
-def _strengths(values: Sequence[float]) -> str:
-    return " ".join(str(v) for v in values)
-
-
 POSITIVE_FLAGS = ("batch_size", "max_epochs", "max_steps", "save_every_n_steps", "num_nodes", "proj_hidden",
                   "proj_dim", "log_every_n_steps", "knn_every_n_epochs", "local_size", "dist_timeout")
 
@@ -286,7 +330,7 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         raise ValueError(f"--num-workers must be 0 or more, got {args.num_workers}")
     if args.devices != "auto" and (not args.devices.isdigit() or int(args.devices) <= 0):
         raise ValueError(f"--devices must be a positive number or 'auto', got {args.devices!r}")

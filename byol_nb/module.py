@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from byol_nb.augment import AugmentConfig, TwoViewAugment, View, normalize
+from byol_nb.augment import AugmentConfig, TwoViewAugment, View, ViewRecipe, normalize
 from byol_nb.config import LOCAL_MIN_SCALE, TrainConfig, check_config
 from byol_nb.devices import check_worker_can_use_cuda
 from byol_nb.distributed import convert_sync_batchnorm, gather_with_grad
@@ -54,8 +54,11 @@ class BYOLModule(pl.LightningModule):
             # Unused heads must not require gradients: DDP would wait for them, the optimizer skip them.
             self.nets.online.projector.requires_grad_(False)
             self.nets.predictor.requires_grad_(False)
+        blur = 1.0 if config.blur else 0.0
         self.augment = TwoViewAugment(AugmentConfig(config.image_size, crop_scale=(config.crop_min_scale, 1.0),
                                                     jitter=tuple(config.jitter), grayscale_p=config.grayscale_p,
+                                                    views=(ViewRecipe(blur_p=blur, solarize_p=0.0),
+                                                           ViewRecipe(blur_p=0.1 * blur, solarize_p=0.2)),
                                                     local_views=config.local_views, local_size=config.local_view_size,
                                                     local_crop_scale=(LOCAL_MIN_SCALE, config.crop_min_scale)))
         # The first global step whose loss was not finite (-1: none yet), kept on the device.
@@ -70,7 +73,15 @@ class BYOLModule(pl.LightningModule):
         return self.nets.backbone
 
     def total_steps(self) -> int:
-        return int(self.trainer.estimated_stepping_batches)
+        """The run's length in optimizer steps, from ``--max-steps`` or the epochs and the
+        datamodule. Not Lightning's ``estimated_stepping_batches``: for an epoch-based run that
+        builds the training DataLoader, and called from ``configure_optimizers`` (before a resumed
+        run's step is restored) it would make the resumed run start at the beginning of its epoch."""
+        trainer = self.trainer
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            return int(trainer.max_steps)
+        by_epochs = trainer.max_epochs * trainer.datamodule.steps_per_epoch(trainer.world_size)
+        return by_epochs if trainer.max_steps < 0 else min(by_epochs, trainer.max_steps)
 
     def setup(self, stage: str) -> None:
         """With several processes, synchronise BatchNorm (before the optimizer and DDP exist): N
@@ -182,7 +193,10 @@ class BYOLModule(pl.LightningModule):
         # The target's parameters have requires_grad=False, so only the online side is optimised.
         optimizer = build_optimizer(self.config.optimizer, self.nets, lr, self.config.weight_decay)
         total = self.total_steps()
-        warmup = min(self.config.warmup_steps, max(1, total // 10))  # a short run must not be all warmup
+        # An epoch's steps, from the datamodule (set up by now) rather than a dataloader built before a
+        # resumed run's step is restored.
+        per_epoch = self.trainer.datamodule.steps_per_epoch(world) if self.config.warmup_epochs is not None else 0
+        warmup = self.config.warmup_length(per_epoch, total)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -176,7 +176,7 @@ def test_momentum_is_read_from_the_global_step_so_a_resumed_run_continues_it():
 
     class FakeTrainer:
         global_step = 0
-        estimated_stepping_batches = 200
+        max_epochs, max_steps = -1, 200
 
     module = BYOLModule(TrainConfig(proj_hidden=32, tau_base=0.99))
     module._trainer = FakeTrainer()  # what Lightning attaches; global_step is read through it

@@ -107,17 +107,17 @@ def test_batch_larger_than_each_process_share_of_the_data(tiny_shapes):
         datamodule.setup("fit")
 
 
-SHAPES = config.DATA_DEFAULTS["shapes"]
+SHAPES, CIFAR, STL = (config.DATA_DEFAULTS[name] for name in ("shapes", "cifar10", "stl10"))
 PLAIN = config.TrainConfig()
 
 
 @pytest.mark.parametrize("flags, expected", [
     (["--data", "shapes"], dict(jitter=SHAPES["jitter"], local_views=SHAPES["local_views"], tau_base=SHAPES["tau_base"],
                                 weight_decay=SHAPES["weight_decay"], warmup_steps=SHAPES["warmup_steps"],
-                                max_epochs=SHAPES["max_epochs"])),
+                                max_epochs=SHAPES["max_epochs"], lr=PLAIN.lr, small_stem=False)),
     (["--data", "some/photos"], dict(jitter=PLAIN.jitter, local_views=PLAIN.local_views, tau_base=PLAIN.tau_base,
                                      weight_decay=PLAIN.weight_decay, warmup_steps=PLAIN.warmup_steps,
-                                     max_epochs=config.DEFAULT_EPOCHS)),
+                                     warmup_epochs=None, max_epochs=config.DEFAULT_EPOCHS, image_size=32)),
     (["--data", "shapes", "--warmup-steps", "7"], dict(warmup_steps=7, tau_base=SHAPES["tau_base"])),
     (["--data", "shapes", "--jitter", "0.1", "0.2", "0.3", "0.4"], dict(jitter=(0.1, 0.2, 0.3, 0.4))),
     (["--data", "shapes", "--local-views", "0", "--tau-base", "0.9", "--weight-decay", "0"],
@@ -125,6 +125,15 @@ PLAIN = config.TrainConfig()
     (["--data", "shapes", "--max-steps", "7"], dict(max_epochs=None, max_steps=7)),
     # the pixel losses pair the two main views only: no preset local views for them
     (["--data", "shapes", "--method", "pixpro", "--small-stem"], dict(local_views=0, tau_base=SHAPES["tau_base"])),
+    (["--data", "cifar10"], dict(CIFAR, local_views=0, image_size=32, tau_base=PLAIN.tau_base)),
+    (["--data", "stl10"], dict(STL, small_stem=False, blur=True)),
+    # a warmup given in either unit replaces the preset's, whichever unit that uses
+    (["--data", "cifar10", "--warmup-steps", "500"], dict(warmup_steps=500, warmup_epochs=None)),
+    (["--data", "shapes", "--warmup-epochs", "2"], dict(warmup_epochs=2.0, warmup_steps=PLAIN.warmup_steps)),
+    (["--data", "cifar10", "--no-small-stem", "--lr", "0.5", "--batch-size", "64", "--blur"],
+     dict(small_stem=False, lr=0.5, batch_size=64, blur=True, proj_hidden=CIFAR["proj_hidden"])),
+    (["--data", "stl10", "--image-size", "64", "--method", "pixpro", "--small-stem"],
+     dict(image_size=64, small_stem=True, tau_base=STL["tau_base"])),
 ])
 def test_defaults_depend_on_the_data_and_a_given_flag_wins(flags, expected):
     args = config.build_parser().parse_args(flags)
@@ -133,7 +142,33 @@ def test_defaults_depend_on_the_data_and_a_given_flag_wins(flags, expected):
         assert getattr(args, name) == (tuple(value) if name == "jitter" else value), name
     config.check_config(config.config_from_args(args))
     assert isinstance(config.config_from_args(args).jitter, tuple)
-    assert all(SHAPES[name] != getattr(PLAIN, name) for name in config.PRESET_FLAGS)
+
+
+@pytest.mark.parametrize("data", list(config.DATA_DEFAULTS))
+def test_a_preset_sets_only_flags_and_only_what_differs(data):
+    for name, value in config.DATA_DEFAULTS[data].items():
+        assert name in config.PRESET_FLAGS or name == "max_epochs", name
+        plain = config.DEFAULT_EPOCHS if name == "max_epochs" else getattr(PLAIN, name)
+        assert value != plain, f"--data {data} repeats the default of {name}"
+    assert f"--data {data}: " in " ".join(config.build_parser().format_help().split())
+
+
+@pytest.mark.parametrize("warmup, total, expected", [
+    (dict(warmup_steps=50), 10_000, 50),
+    (dict(warmup_steps=50), 200, 20),  # a tenth of a short run at most
+    (dict(warmup_epochs=10), 10_000, 390),  # 10 epochs of 39 steps
+    (dict(warmup_epochs=0.5), 10_000, 20),
+    (dict(warmup_epochs=10), 390, 39),
+])
+def test_warmup_in_steps_or_epochs(warmup, total, expected):
+    assert config.TrainConfig(**warmup).warmup_length(steps_per_epoch=39, total_steps=total) == expected
+
+
+def test_a_named_set_that_refuses_pixel_methods_proposes_the_small_stem():
+    args = config.build_parser().parse_args(["--data", "stl10", "--method", "pixpro"])
+    config.apply_data_defaults(args)
+    with pytest.raises(ValueError, match="96 px images give 3x3 .*add --small-stem"):
+        config.check_config(config.config_from_args(args))
 
 
 @pytest.mark.parametrize("flags, expected", [

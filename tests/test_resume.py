@@ -138,6 +138,26 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_state(tiny_shapes, 
                                torch.load(reference / "backbone.pt", weights_only=True)["state_dict"])
 
 
+@pytest.mark.slow
+def test_an_epoch_based_run_resumes_mid_epoch_exactly(tiny_shapes, tmp_path):
+    """--max-epochs instead of --max-steps (make train's way): the run's length then depends on the
+    data, and the resumed run must still continue inside its epoch, not restart it."""
+    by_epochs = [flag.replace("--max-steps", "--max-epochs") for flag in FLAGS]
+    by_epochs[by_epochs.index("--max-epochs") + 1] = "2"  # 2 epochs of 6 steps: MAX_STEPS
+
+    def run(out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "byol_nb.train", "--data", str(tiny_shapes / "train"), "--out", str(out),
+                   *by_epochs, *extra]
+        return subprocess.run(command, capture_output=True, text=True, env=_env(**env), timeout=600)
+
+    assert run(tmp_path / "reference").returncode == 0
+    crashed = run(tmp_path / "resumed", BYOL_NB_FAIL_AT_STEP="9")  # mid-way through the second epoch
+    assert crashed.returncode != 0 and _step(tmp_path / "resumed" / "last.ckpt") == 8
+    finished = run(tmp_path / "resumed", "--resume")
+    assert finished.returncode == 0, finished.stderr
+    _assert_same_state(tmp_path / "resumed" / "last.ckpt", tmp_path / "reference" / "last.ckpt")
+
+
 class _Indices(torch.utils.data.Dataset):
     def __init__(self, n: int) -> None:
         self.n = n
