@@ -193,18 +193,40 @@ def fits_in_cache(count: int, image_size: int) -> bool:
     return count * 3 * image_size**2 <= DEFAULT_CACHE_BYTES
 
 
+class _DecodeFiles(Dataset):
+    """Each file decoded, or the reason it could not be: what the cache's workers hand back."""
+
+    def __init__(self, files: Sequence[Path], image_size: int) -> None:
+        self.files, self.image_size = files, image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> np.ndarray | str:
+        try:
+            return load_image(self.files[index], self.image_size)
+        except UnreadableImage as error:
+            return str(error)
+
+
+PARALLEL_DECODE_FROM = 256  # files; fewer are decoded faster than worker processes start
+
+
 def _decode_all(files: Sequence[Path], image_size: int) -> tuple[np.ndarray, dict]:
     """Every readable file decoded into one (kept, 3, S, S) uint8 array, and which files it holds
-    (``kept``: indices into ``files``) or skipped (``skipped``: the errors)."""
+    (``kept``: indices into ``files``) or skipped (``skipped``: the errors). A large folder is
+    decoded by one worker process per CPU: this runs once per machine, while the others wait."""
+    workers = min(MAX_WORKERS, _available_cpus()) if len(files) >= PARALLEL_DECODE_FROM else 0
+    decoded = DataLoader(_DecodeFiles(files, image_size), batch_size=None, num_workers=workers)
     pixels = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
     kept: list[int] = []
     skipped: list[str] = []
-    for i, path in enumerate(files):
-        try:
-            pixels[len(kept)] = load_image(path, image_size).transpose(2, 0, 1)
+    for i, image in enumerate(decoded):
+        if isinstance(image, str):
+            skipped.append(image)
+        else:
+            pixels[len(kept)] = image.permute(2, 0, 1).numpy()  # the loader hands arrays over as tensors
             kept.append(i)
-        except UnreadableImage as error:
-            skipped.append(str(error))
     return pixels[:len(kept)], {"kept": kept, "skipped": skipped}
 
 
@@ -344,6 +366,39 @@ class ResumableSampler(DistributedSampler):
         return iter(indices)
 
 
+class DeviceBatches:
+    """Batches of a decoded dataset indexed on the training device: the images are copied there
+    once, and each step gathers its batch with one indexing call, with no DataLoader, worker or
+    host-to-device copy per step. The order is the sampler's, exactly as a DataLoader over the same
+    sampler would give it (resume included); Lightning calls the sampler's ``set_epoch`` as for a
+    DataLoader, through the ``sampler`` attribute."""
+
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, device: torch.device) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.pixels = torch.as_tensor(dataset.pixels).to(device)  # type: ignore[attr-defined]
+        self.labels = torch.as_tensor(dataset_labels(dataset), device=device)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        indices = torch.tensor(list(self.sampler), dtype=torch.long)
+        for start in range(0, len(indices) - self.batch_size + 1, self.batch_size):
+            batch = indices[start:start + self.batch_size].to(self.pixels.device, non_blocking=True)
+            yield self.pixels[batch], self.labels[batch]
+
+
+DEVICE_MEMORY_SHARE = 0.2  # the most of a GPU's memory a dataset may take there; training needs the rest
+
+
+def keep_on_device(dataset: Dataset, device: torch.device) -> bool:
+    """Whether to index ``dataset`` on the training device (:class:`DeviceBatches`): a GPU, and
+    decoded images that take at most ``DEVICE_MEMORY_SHARE`` of its memory."""
+    pixels = getattr(dataset, "pixels", None)
+    return (device.type == "cuda" and pixels is not None
+            and pixels.nbytes <= DEVICE_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
+
+
 class SSLDataModule(pl.LightningDataModule):
     """Training images (labels ignored) plus, optionally, a labeled bank and queries for kNN.
 
@@ -426,6 +481,9 @@ class SSLDataModule(pl.LightningDataModule):
         sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, seed=self.seed)
         epoch, batch = divmod(step, self.steps_per_epoch(world))
         sampler.start_at(epoch, batch * self.batch_size)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if keep_on_device(self.train_set, device):
+            return DeviceBatches(self.train_set, sampler, self.batch_size, device)
         return self._loader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -454,8 +512,12 @@ def loader_workers(dataset: Dataset, processes_per_node: int = 1) -> int:
     base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
     if getattr(base, "pixels", None) is not None:
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_WORKERS, cpus // max(1, processes_per_node) - 1))
+    return max(1, min(MAX_WORKERS, _available_cpus() // max(1, processes_per_node) - 1))
+
+
+def _available_cpus() -> int:
+    """The CPUs this process may run on (a container's or SLURM's limit, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _subset(dataset: Dataset, size: int) -> Dataset:

@@ -4,6 +4,7 @@ DataLoader's worker count, and streaming through a folder whose files break afte
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -101,6 +102,19 @@ def test_cached_folder_remembers_what_it_skipped(tmp_path, cache_folder):
         assert len(dataset) == 3 and all(f.name != "broken.png" for f in dataset.files)
 
 
+def test_worker_processes_decode_a_large_folder_as_one_process_would(tmp_path, cache_folder, monkeypatch):
+    _write_images(tmp_path / "a", 9)
+    (tmp_path / "a" / "004.png").write_bytes(b"\x89PNG broken")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        serial = ImageFolder(tmp_path / "a", 16, cache=True)
+    monkeypatch.setattr(data, "PARALLEL_DECODE_FROM", 2)
+    monkeypatch.setattr(disk_cache, "FORMAT", disk_cache.FORMAT + 1)  # another key: decoded again, in workers
+    with pytest.warns(UserWarning, match="skipped 1"):
+        parallel = ImageFolder(tmp_path / "a", 16, cache=True)
+    assert torch.equal(serial.pixels, parallel.pixels) and serial.files == parallel.files
+    assert len(list(cache_folder.glob("folder-*.npy"))) == 2
+
+
 def test_worker_count_follows_the_data_and_the_processes(tmp_path, monkeypatch):
     _write_images(tmp_path, 4)
     cached, streamed = ImageFolder(tmp_path, 16, cache=True), ImageFolder(tmp_path, 16, cache=False)
@@ -122,3 +136,59 @@ def test_workers_replace_a_file_that_breaks_after_the_check(tmp_path):
     assert len(batches) == 4 and all(b.shape == (4, 3, 16, 16) and b.dtype == torch.uint8 for b in batches)
     next_readable = torch.from_numpy(data.load_image(tmp_path / "004.png", 16)).permute(2, 0, 1)
     assert torch.equal(batches[0][3], next_readable) and torch.equal(batches[2][3], next_readable)
+
+
+@pytest.mark.parametrize("world, rank, step", [(1, 0, 0), (1, 0, 7), (2, 1, 3)])
+def test_device_batches_follow_the_sampler_like_a_dataloader(tiny_shapes, world, rank, step):
+    dataset = ImageFolder(tiny_shapes / "train", 16, cache=True)
+    batches = {}
+    for kind in ("loader", "device"):
+        sampler = data.ResumableSampler(dataset, num_replicas=world, rank=rank, seed=5)
+        sampler.start_at(*divmod(step * 4, len(sampler)))  # resumed part-way, as train_dataloader does
+        loader = (DataLoader(dataset, batch_size=4, sampler=sampler, drop_last=True) if kind == "loader"
+                  else data.DeviceBatches(dataset, sampler, 4, torch.device("cpu")))
+        assert len(loader) == len(sampler) // 4
+        batches[kind] = [list(loader) for epoch in range(2) if sampler.set_epoch(sampler.epoch + epoch) or True]
+    for (a_images, a_labels), (b_images, b_labels) in zip(sum(batches["loader"], []), sum(batches["device"], [])):
+        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+    assert sum(map(len, batches["loader"])) == sum(map(len, batches["device"])) > 0
+
+
+def test_only_a_gpu_with_room_keeps_the_images(tmp_path, monkeypatch):
+    _write_images(tmp_path, 4)
+    dataset = ImageFolder(tmp_path, 16, cache=True)  # 4 x 3 x 16 x 16 = 3072 bytes
+    assert not data.keep_on_device(dataset, torch.device("cpu"))
+    assert not data.keep_on_device(ImageFolder(tmp_path, 16, cache=False), torch.device("cuda", 0))
+    for memory, expected in ((10 * 3072, True), (3072, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=memory))
+        assert data.keep_on_device(dataset, torch.device("cuda", 0)) == expected
+
+
+@pytest.mark.slow
+def test_training_from_device_batches_matches_the_dataloader_and_resumes(tiny_shapes, tmp_path, monkeypatch):
+    """The whole training path with the images indexed on the device (the CPU standing in for a
+    GPU): the same weights as with the DataLoader, also across a resume mid-epoch."""
+    from byol_nb import train
+
+    flags = ["--data", str(tiny_shapes / "train"), "--image-size", "16", "--batch-size", "8", "--proj-hidden", "32",
+             "--proj-dim", "16", "--accelerator", "cpu", "--no-progress", "--save-every-n-steps", "1"]
+    assert train.main([*flags, "--out", str(tmp_path / "loader"), "--max-steps", "9"]) == 0
+    monkeypatch.setattr(data, "keep_on_device", lambda dataset, device: True)
+    used = []
+    original = data.DeviceBatches
+
+    class CountedBatches(original):
+        def __iter__(self):
+            used.append(1)
+            yield from original.__iter__(self)
+
+    monkeypatch.setattr(data, "DeviceBatches", CountedBatches)
+    monkeypatch.setenv("BYOL_NB_FAIL_AT_STEP", "7")  # a crash in the second epoch (6 steps each)
+    with pytest.raises(RuntimeError, match="injected"):
+        train.main([*flags, "--out", str(tmp_path / "device"), "--max-steps", "9"])
+    monkeypatch.delenv("BYOL_NB_FAIL_AT_STEP")
+    assert train.main([*flags, "--out", str(tmp_path / "device"), "--max-steps", "9", "--resume"]) == 0
+    assert used, "the device batches were not used"
+    a, b = (torch.load(tmp_path / run / "last.ckpt", weights_only=True)["state_dict"] for run in ("loader", "device"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
