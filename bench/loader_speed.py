@@ -66,7 +66,8 @@ def main() -> None:
     for size in args.sizes:
         for workers in args.workers:
             rate = images_per_second(folder, size, workers, batches)
-            print(f"| {size} | {CROP_SOURCE_FACTOR * size} | {workers} | {rate:.0f} | {rate / workers:.0f} |", flush=True)
+            row = (size, CROP_SOURCE_FACTOR * size, workers, f"{rate:.0f}", f"{rate / workers:.0f}")
+            print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
 
 
 if __name__ == "__main__":

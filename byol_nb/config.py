@@ -245,7 +245,8 @@ def build_parser() -> TrainParser:
                       help="labeled folder (one sub-folder per class) for the kNN monitor; --data must be labeled too")
     data.add_argument("--image-size", type=int, **preset, help=_preset_help("image_size", "side of the views in px"))
     data.add_argument("--crop-min-scale", type=float, **preset,
-                      help=_preset_help("crop_min_scale", "smallest crop area, as a fraction of the image (paper: 0.08)"))
+                      help=_preset_help("crop_min_scale", "smallest crop area, as a fraction of the image "
+                                                          "(paper: 0.08)"))
     data.add_argument("--jitter", type=float, nargs=4, **preset, metavar=("B", "C", "S", "H"),
                       help=_preset_help("jitter", "colour jitter strengths: brightness, contrast, saturation, hue "
                                                   "(hue at most 0.5; the paper's: 0.4 0.4 0.2 0.1)"))

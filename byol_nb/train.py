@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
               + ("the SLURM job is requeued" if requeued else "continue with the same command and --resume"))
         return 0
 
-    metrics = {"method": config.method, "data": args.data, "global_step": trainer.global_step, "epochs": trainer.current_epoch,
+    metrics = {"method": config.method, "data": args.data, "global_step": trainer.global_step,
+               "epochs": trainer.current_epoch,
                "final_loss": _last_logged(trainer, "train/loss"), "wall_time_s": round(wall, 1),
                "images_per_second": round(throughput.images_per_second, 1),
                "world_size": trainer.world_size, "config": asdict(config)}

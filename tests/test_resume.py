@@ -173,7 +173,7 @@ def _loader(n: int, batch: int, world: int, rank: int, step: int, seed: int = 0)
     datamodule = SSLDataModule("unused", None, 16, batch, seed=seed)
     datamodule.train_set = _Indices(n)
     datamodule.trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=step,
-                                         strategy=SimpleNamespace(root_device=torch.device("cpu")))
+                                         num_devices=world, strategy=SimpleNamespace(root_device=torch.device("cpu")))
     return datamodule.train_dataloader()
 
 
