@@ -37,7 +37,7 @@ class TrainConfig:
     """Everything that defines a run's model and optimisation; saved in every checkpoint.
 
     ``lr`` is per 256 images of *global* batch. Defaults are tuned for short runs on small images
-    (README, "Defaults for small data"); the paper's ImageNet values are noted where they differ.
+    (README, "Recipes by data"); the paper's ImageNet values are noted where they differ.
     """
 
     method: str = "byol"
@@ -145,7 +145,7 @@ DEFAULT_EPOCHS = 50
 #
 # shapes: random colours, so colour never tells a class: a full turn of hue (0.5) takes the palette
 # away as a shortcut. One local view, a faster target and weight decay 1e-5 were the best recipe
-# tried on them in a CPU budget of minutes (the README's "Defaults for small data"). The longer
+# tried on them in a CPU budget of minutes (the README's "Recipes by data"). The longer
 # warmup (a tenth of the run, the cap in BYOLModule.configure_optimizers) keeps the first full-size
 # steps from scrambling the random network's features before the target can guide them: with 50
 # steps some seeds spent most of the run recovering.
