@@ -327,10 +327,16 @@ def shapes_root() -> Path:
     return Path(os.environ.get("BYOL_NB_SHAPES", shapes.DEFAULT_ROOT))
 
 
+def is_torchvision_source(source: str) -> bool:
+    """Whether ``source`` names a torchvision set's split (``cifar10:train``) rather than a folder."""
+    name, _, split = source.partition(":")
+    return name in ("cifar10", "stl10") and bool(split)
+
+
 def open_dataset(source: str, image_size: int, download: bool = True) -> Dataset:
     """A dataset for one source: ``name:split`` for torchvision sets, otherwise a folder."""
-    name, _, split = source.partition(":")
-    if name in ("cifar10", "stl10") and split:
+    if is_torchvision_source(source):
+        name, _, split = source.partition(":")
         return _torchvision_dataset(name, split, image_size, download)
     return ImageFolder(source, image_size)
 
@@ -422,7 +428,9 @@ class SSLDataModule(pl.LightningDataModule):
         if self.spec.train == str(shapes_root() / "train"):
             shapes.ensure_shapes(shapes_root())
         for source, size in self._sources():
-            open_dataset(source, size)
+            # A folder too large for the cache has nothing to prepare: setup checks its files once.
+            if is_torchvision_source(source) or fits_in_cache(len(find_images(source)[0]), size):
+                open_dataset(source, size)
 
     def _sources(self) -> list[tuple[str, int]]:
         """(source, image size) of every dataset the run opens."""
@@ -443,8 +451,7 @@ class SSLDataModule(pl.LightningDataModule):
         down to a quarter of the area sharp, for 4x the decoded pixels (the cache limit still
         applies). Named torchvision sets keep their native size: they have no more detail.
         """
-        name, _, split = self.spec.train.partition(":")
-        return self.image_size if name in ("cifar10", "stl10") and split else CROP_SOURCE_FACTOR * self.image_size
+        return self.image_size if is_torchvision_source(self.spec.train) else CROP_SOURCE_FACTOR * self.image_size
 
     def setup(self, stage: str | None = None) -> None:
         limit_threads_after_fork()  # the first CPU work in a ddp_notebook worker happens here
