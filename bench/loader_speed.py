@@ -6,7 +6,7 @@
 Writes a folder of 500 x 375 JPEGs (the built-in generator's scenes, quality 90, under
 bench/results/photos) and streams it through ``byol_nb.data.ImageFolder`` without the decode cache,
 as a folder too large for the cache is trained: each worker opens, decodes (in JPEG draft mode) and
-resizes every image to the crop source size (twice the view size), batches of 64. Reports images
+resizes every whole photo into a square of the crop source size (twice the view size), batches of 64. Reports images
 per second after a warm-up batch, for each worker count; one worker's rate tells how many workers a
 GPU step of that size needs (the GPU's images/s divided by it).
 """
@@ -41,7 +41,7 @@ def write_photos(folder: Path, count: int) -> Path:
 
 
 def images_per_second(folder: Path, view_size: int, workers: int, batches: int) -> float:
-    dataset = ImageFolder(folder, CROP_SOURCE_FACTOR * view_size, cache=False)
+    dataset = ImageFolder(folder, CROP_SOURCE_FACTOR * view_size, cache=False, whole_photos=True)
     loader = DataLoader(dataset, batch_size=64, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
                         prefetch_factor=4 if workers else None, drop_last=True)
     iterator = iter(loader)

@@ -11,9 +11,10 @@ so that no step depends on how many samples were chosen (no data-dependent shape
 device values on the host).
 
 Coordinates: a box is ``(x0, y0, x1, y1)`` with ``(0, 0)`` the top-left *corner* of the original
-image and ``(1, 1)`` its bottom-right corner. A view pixel at normalised position ``(u, v)`` in
-``[0, 1]^2`` shows the original point ``(x0 + u (x1 - x0), y0 + v (y1 - y0))``, or with the flip
-``(x1 - u (x1 - x0), ...)``.
+image and ``(1, 1)`` its bottom-right corner (for a photo letterboxed in a square, of the square: the
+photo's own box there bounds the crops, see :func:`sample_crop_boxes`). A view pixel at normalised
+position ``(u, v)`` in ``[0, 1]^2`` shows the original point ``(x0 + u (x1 - x0), y0 + v (y1 - y0))``,
+or with the flip ``(x1 - u (x1 - x0), ...)``.
 """
 
 from __future__ import annotations
@@ -89,22 +90,35 @@ def blur_sigma(size: int) -> tuple[float, float]:
 
 
 def sample_crop_boxes(batch: int, scale: tuple[float, float], ratio: tuple[float, float],
-                      device: torch.device | str = "cpu", tries: int = 10) -> Tensor:
-    """RandomResizedCrop's box sampler, vectorised over the batch, for square images.
+                      device: torch.device | str = "cpu", tries: int = 10, content: Tensor | None = None) -> Tensor:
+    """RandomResizedCrop's box sampler, vectorised over the batch.
 
     Like torchvision, it tries ``tries`` (area, aspect) pairs per sample and keeps the first that
-    fits in the image; a sample with none falls back to the whole image.
+    fits in the image; a sample with none falls back to the largest centred box of an allowed aspect.
+    ``content`` (B, 4) says where each photo sits in its square when photos are letterboxed
+    (:func:`byol_nb.data.load_photo`): the area is then a fraction of the photo's, and the box stays
+    inside the photo, as torchvision's sampler run on the original photo would have it. Without it,
+    every image fills its square.
     """
-    area = torch.empty(batch, tries, device=device).uniform_(*scale)
+    if content is None:
+        content = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).expand(batch, 4)
+    left, top, right, bottom = content.unbind(1)
+    photo_w, photo_h = right - left, bottom - top
+    area = torch.empty(batch, tries, device=device).uniform_(*scale) * (photo_w * photo_h)[:, None]
     log_ratio = torch.empty(batch, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
     aspect = log_ratio.exp()
     width, height = (area * aspect).sqrt(), (area / aspect).sqrt()
-    fits = (width <= 1) & (height <= 1)
+    fits = (width <= photo_w[:, None]) & (height <= photo_h[:, None])
+    found = fits.any(1)
     first = fits.float().argmax(dim=1, keepdim=True)
-    width = torch.where(fits.any(1), width.gather(1, first).squeeze(1), torch.ones(batch, device=device))
-    height = torch.where(fits.any(1), height.gather(1, first).squeeze(1), torch.ones(batch, device=device))
-    x0 = torch.rand(batch, device=device) * (1 - width)
-    y0 = torch.rand(batch, device=device) * (1 - height)
+    photo_aspect = photo_w / photo_h
+    fallback_w = torch.where(photo_aspect > ratio[1], photo_h * ratio[1], photo_w)
+    fallback_h = torch.where(photo_aspect < ratio[0], photo_w / ratio[0], photo_h)
+    width = torch.where(found, width.gather(1, first).squeeze(1), fallback_w)
+    height = torch.where(found, height.gather(1, first).squeeze(1), fallback_h)
+    x_at, y_at = torch.rand(batch, device=device), torch.rand(batch, device=device)
+    x0 = left + torch.where(found, x_at, 0.5) * (photo_w - width)
+    y0 = top + torch.where(found, y_at, 0.5) * (photo_h - height)
     return torch.stack([x0, y0, x0 + width, y0 + height], dim=1)
 
 
@@ -218,26 +232,30 @@ class TwoViewAugment(nn.Module):
         images = random_blur(images, blur_kernel(size), blur_sigma(size), recipe.blur_p)
         return random_solarize(images, recipe.solarize_p)
 
-    def view(self, images: Tensor, index: int, local: bool = False, jitter_order: Sequence[int] | None = None) -> View:
+    def view(self, images: Tensor, index: int, local: bool = False, jitter_order: Sequence[int] | None = None,
+             content: Tensor | None = None) -> View:
         """One view of a float batch in [0, 1], coloured with recipe ``index`` (0 or 1); ``local``:
-        a multi-crop view (a smaller crop at ``local_size``)."""
+        a multi-crop view (a smaller crop at ``local_size``); ``content``: where each letterboxed
+        photo sits in its square (see :func:`sample_crop_boxes`)."""
         c = self.config
         batch = images.shape[0]
         scale, size = (c.local_crop_scale, c.local_size) if local else (c.crop_scale, c.image_size)
-        boxes = sample_crop_boxes(batch, scale, c.crop_ratio, images.device)
+        boxes = sample_crop_boxes(batch, scale, c.crop_ratio, images.device, content=content)
         flips = torch.rand(batch, device=images.device) < c.flip_p
         out = resized_crop(images, boxes, flips, size).clamp(0, 1)
         out = self.recolour(out, c.views[index], jitter_order)
         return View((out - self.mean) / self.std, boxes, flips)
 
     @torch.no_grad()
-    def forward(self, images: Tensor, seed: int | None = None) -> tuple[View, View]:
-        """Two views of ``images`` (uint8, or float in [0, 1]), in float32 even inside autocast."""
+    def forward(self, images: Tensor, seed: int | None = None, content: Tensor | None = None) -> tuple[View, View]:
+        """Two views of ``images`` (uint8, or float in [0, 1]), in float32 even inside autocast;
+        ``content``: where each photo sits in its square, for letterboxed photos."""
         with _seeded(images, seed) as (batch, orders):
-            return self.view(batch, 0, jitter_order=next(orders)), self.view(batch, 1, jitter_order=next(orders))
+            return (self.view(batch, 0, jitter_order=next(orders), content=content),
+                    self.view(batch, 1, jitter_order=next(orders), content=content))
 
     @torch.no_grad()
-    def local_views(self, images: Tensor, seed: int | None = None) -> list[View]:
+    def local_views(self, images: Tensor, seed: int | None = None, content: Tensor | None = None) -> list[View]:
         """``config.local_views`` multi-crop views of ``images``, coloured like the second view
         (the blur scaled to their size).
 
@@ -246,7 +264,8 @@ class TwoViewAugment(nn.Module):
         """
         seed = None if seed is None else seed + LOCAL_SEED_OFFSET
         with _seeded(images, seed) as (batch, orders):
-            return [self.view(batch, 1, local=True, jitter_order=next(orders)) for _ in range(self.config.local_views)]
+            return [self.view(batch, 1, local=True, jitter_order=next(orders), content=content)
+                    for _ in range(self.config.local_views)]
 
 
 @contextmanager

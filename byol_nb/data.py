@@ -17,6 +17,7 @@ Sources, by the ``--data`` value:
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -64,29 +65,58 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """Decode ``path`` to a uint8 (size, size, 3) array: the centre square, resized to ``size``.
+def _open_rgb(path: str | Path, size: int, whole: bool = False) -> Image.Image:
+    """Decode ``path`` to 8-bit RGB, JPEGs at the smallest of 1, 1/2, 1/4 or 1/8 scale that keeps
+    the short side (``whole``: the long side) at least ``size``.
 
     Raises :class:`UnreadableImage` for anything PIL cannot fully decode, including decompression
     bombs (images over ``PIL.Image.MAX_IMAGE_PIXELS``), so a caller can skip the file and count it.
-    Cropping before resizing keeps the work at size x size pixels whatever the aspect ratio (a
-    1 x 100000 strip would otherwise be upscaled to size x 100000 size first).
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that is still >= size
+                scale = size / (max(image.size) if whole else min(image.size))
+                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
                 image.load()
-                image = _to_rgb(image)
+                return _to_rgb(image)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError,
             Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnreadableImage(f"{path}: {error}") from error
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """Decode ``path`` to a uint8 (size, size, 3) array: the centre square, resized to ``size``
+    (how evaluation sees a photo: the resize and centre crop of the usual test transform).
+
+    Cropping before resizing keeps the work at size x size pixels whatever the aspect ratio (a
+    1 x 100000 strip would otherwise be upscaled to size x 100000 size first).
+    """
+    image = _open_rgb(path, size)
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
     return np.array(image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
                                    reducing_gap=3.0))
+
+
+def load_photo(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Decode ``path`` whole, for training crops: its long side resized to ``size`` and centred in a
+    uint8 (size, size, 3) square, and where it sits there, ``(left, top, width, height)`` in pixels.
+
+    The square's other rows (or columns) repeat the photo's edge pixels, so that a crop touching
+    the edge blends nothing foreign in; the crop sampler keeps every box inside the photo
+    (:func:`byol_nb.augment.sample_crop_boxes`), so training crops see all of a landscape photo, not
+    only its centre square. Square images come out exactly as :func:`load_image` gives them.
+    """
+    image = _open_rgb(path, size, whole=True)
+    width, height = image.size
+    scale = size / max(width, height)
+    photo_w, photo_h = max(1, round(width * scale)), max(1, round(height * scale))
+    photo = np.array(image.resize((photo_w, photo_h), Image.Resampling.BILINEAR, reducing_gap=3.0))
+    left, top = (size - photo_w) // 2, (size - photo_h) // 2
+    square = np.pad(photo, ((top, size - photo_h - top), (left, size - photo_w - left), (0, 0)), mode="edge")
+    return square, (left, top, photo_w, photo_h)
 
 
 def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
@@ -133,20 +163,30 @@ class ImageFolder(Dataset):
     them. Without it, each header is checked here and decoding happens in ``__getitem__``, in the
     DataLoader's workers; a file that still fails then is replaced by the next readable one (and
     counted), so an epoch never crashes half-way.
+
+    Items are ``(image, label)``, each image the photo's centre square (for evaluation). With
+    ``whole_photos`` (training crops) each image is the whole photo letterboxed in its square
+    (:func:`load_photo`) and items are ``(image, label, content)``, ``content`` the photo's box
+    ``(x0, y0, x1, y1)`` in the square's [0, 1] coordinates, which the crop sampler stays inside.
     """
 
-    def __init__(self, root: str | Path, image_size: int, cache: bool | None = None) -> None:
-        self.root, self.image_size = Path(root), image_size
+    def __init__(self, root: str | Path, image_size: int, cache: bool | None = None,
+                 whole_photos: bool = False) -> None:
+        self.root, self.image_size, self.whole_photos = Path(root), image_size, whole_photos
         files, labels, self.classes = find_images(root)
         if cache is None:
             cache = fits_in_cache(len(files), image_size)
         self.pixels: torch.Tensor | None = None
+        self.content: torch.Tensor | None = None  # (N, 4) photo boxes, cached whole photos only
         if cache:
-            key = {"folder": str(self.root.resolve()), "size": image_size, "files": file_stamps(files)}
-            pixels, meta = cached_array("folder", key, lambda: _decode_all(files, image_size))
+            key = {"folder": str(self.root.resolve()), "size": image_size, "whole_photos": whole_photos,
+                   "files": file_stamps(files)}
+            pixels, meta = cached_array("folder", key, lambda: _decode_all(files, image_size, whole_photos))
             kept = [(files[i], labels[i]) for i in meta["kept"]]
             self.skipped: list[str] = meta["skipped"]
             self.pixels = torch.from_numpy(pixels) if kept else None
+            if whole_photos and kept:
+                self.content = content_boxes(torch.tensor(meta["photo_boxes"]), image_size)
         else:
             kept, self.skipped = [], []
             for path, label in zip(files, labels):
@@ -174,14 +214,19 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         if self.pixels is not None:
+            if self.content is not None:
+                return self.pixels[index], self.labels[index], self.content[index]
             return self.pixels[index], self.labels[index]
         for offset in range(len(self.files)):
             i = (index + offset) % len(self.files)
             try:
-                array = load_image(self.files[i], self.image_size)
-                return torch.from_numpy(array).permute(2, 0, 1).contiguous(), self.labels[i]
+                array, box = _decode(self.files[i], self.image_size, self.whole_photos)
+                image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+                if self.whole_photos:
+                    return image, self.labels[i], content_boxes(torch.tensor([box]), self.image_size)[0]
+                return image, self.labels[i]
             except UnreadableImage as error:
                 self.runtime_failures += 1
                 warnings.warn(f"replaced unreadable image ({error}); {self.runtime_failures} so far")
@@ -193,18 +238,31 @@ def fits_in_cache(count: int, image_size: int) -> bool:
     return count * 3 * image_size**2 <= DEFAULT_CACHE_BYTES
 
 
-class _DecodeFiles(Dataset):
-    """Each file decoded, or the reason it could not be: what the cache's workers hand back."""
+def content_boxes(photo_boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """``(left, top, width, height)`` pixel boxes of photos in squares of ``size`` px, as
+    ``(x0, y0, x1, y1)`` in the squares' [0, 1] coordinates (float32)."""
+    left, top, width, height = photo_boxes.float().unbind(-1)
+    return torch.stack([left, top, left + width, top + height], dim=-1) / size
 
-    def __init__(self, files: Sequence[Path], image_size: int) -> None:
-        self.files, self.image_size = files, image_size
+
+def _decode(path: Path, size: int, whole_photo: bool) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """:func:`load_photo` for ``whole_photo``, else :func:`load_image` and its square's box."""
+    return load_photo(path, size) if whole_photo else (load_image(path, size), (0, 0, size, size))
+
+
+class _DecodeFiles(Dataset):
+    """Each file decoded with its photo's box, or the reason it could not be: what the cache's
+    workers hand back."""
+
+    def __init__(self, files: Sequence[Path], image_size: int, whole_photos: bool) -> None:
+        self.files, self.image_size, self.whole_photos = files, image_size, whole_photos
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> np.ndarray | str:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, tuple[int, int, int, int]] | str:
         try:
-            return load_image(self.files[index], self.image_size)
+            return _decode(self.files[index], self.image_size, self.whole_photos)
         except UnreadableImage as error:
             return str(error)
 
@@ -212,22 +270,26 @@ class _DecodeFiles(Dataset):
 PARALLEL_DECODE_FROM = 256  # files; fewer are decoded faster than worker processes start
 
 
-def _decode_all(files: Sequence[Path], image_size: int) -> tuple[np.ndarray, dict]:
+def _decode_all(files: Sequence[Path], image_size: int, whole_photos: bool = False) -> tuple[np.ndarray, dict]:
     """Every readable file decoded into one (kept, 3, S, S) uint8 array, and which files it holds
-    (``kept``: indices into ``files``) or skipped (``skipped``: the errors). A large folder is
-    decoded by one worker process per CPU: this runs once per machine, while the others wait."""
+    (``kept``: indices into ``files``, ``photo_boxes``: where each photo sits in its square) or
+    skipped (``skipped``: the errors). A large folder is decoded by one worker process per CPU:
+    this runs once per machine, while the others wait."""
     workers = min(MAX_WORKERS, _available_cpus()) if len(files) >= PARALLEL_DECODE_FROM else 0
-    decoded = DataLoader(_DecodeFiles(files, image_size), batch_size=None, num_workers=workers)
+    decoded = DataLoader(_DecodeFiles(files, image_size, whole_photos), batch_size=None, num_workers=workers)
     pixels = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
     kept: list[int] = []
+    photo_boxes: list[list[int]] = []
     skipped: list[str] = []
-    for i, image in enumerate(decoded):
-        if isinstance(image, str):
-            skipped.append(image)
+    for i, item in enumerate(decoded):
+        if isinstance(item, str):
+            skipped.append(item)
         else:
+            image, box = item
             pixels[len(kept)] = image.permute(2, 0, 1).numpy()  # the loader hands arrays over as tensors
             kept.append(i)
-    return pixels[:len(kept)], {"kept": kept, "skipped": skipped}
+            photo_boxes.append([int(v) for v in box])
+    return pixels[:len(kept)], {"kept": kept, "photo_boxes": photo_boxes, "skipped": skipped}
 
 
 class TensorImages(Dataset):
@@ -333,12 +395,13 @@ def is_torchvision_source(source: str) -> bool:
     return name in ("cifar10", "stl10") and bool(split)
 
 
-def open_dataset(source: str, image_size: int, download: bool = True) -> Dataset:
-    """A dataset for one source: ``name:split`` for torchvision sets, otherwise a folder."""
+def open_dataset(source: str, image_size: int, download: bool = True, whole_photos: bool = False) -> Dataset:
+    """A dataset for one source: ``name:split`` for torchvision sets (square already), otherwise a
+    folder, its photos whole with ``whole_photos`` (see :class:`ImageFolder`)."""
     if is_torchvision_source(source):
         name, _, split = source.partition(":")
         return _torchvision_dataset(name, split, image_size, download)
-    return ImageFolder(source, image_size)
+    return ImageFolder(source, image_size, whole_photos=whole_photos)
 
 
 def dataset_labels(dataset: Dataset) -> list[int]:
@@ -376,13 +439,16 @@ class DeviceBatches:
     """Batches of a decoded dataset indexed on the training device: the images are copied there
     once, and each step gathers its batch with one indexing call, with no DataLoader, worker or
     host-to-device copy per step. The order is the sampler's, exactly as a DataLoader over the same
-    sampler would give it (resume included); Lightning calls the sampler's ``set_epoch`` as for a
+    sampler would give it (resume included), and so are the batches: ``(images, labels)``, and the
+    photos' boxes where the dataset has them; Lightning calls the sampler's ``set_epoch`` as for a
     DataLoader, through the ``sampler`` attribute."""
 
     def __init__(self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, device: torch.device) -> None:
         self.sampler, self.batch_size = sampler, batch_size
         self.pixels = torch.as_tensor(dataset.pixels).to(device)  # type: ignore[attr-defined]
         self.labels = torch.as_tensor(dataset_labels(dataset), device=device)
+        content = getattr(dataset, "content", None)
+        self.content = None if content is None else content.to(device)
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
@@ -391,7 +457,10 @@ class DeviceBatches:
         indices = torch.tensor(list(self.sampler), dtype=torch.long)
         for start in range(0, len(indices) - self.batch_size + 1, self.batch_size):
             batch = indices[start:start + self.batch_size].to(self.pixels.device, non_blocking=True)
-            yield self.pixels[batch], self.labels[batch]
+            if self.content is None:
+                yield self.pixels[batch], self.labels[batch]
+            else:
+                yield self.pixels[batch], self.labels[batch], self.content[batch]
 
 
 DEVICE_MEMORY_SHARE = 0.2  # the most of a GPU's memory a dataset may take there; training needs the rest
@@ -427,18 +496,19 @@ class SSLDataModule(pl.LightningDataModule):
         named sets and fill the shared decode cache, so that the processes only read it."""
         if self.spec.train == str(shapes_root() / "train"):
             shapes.ensure_shapes(shapes_root())
-        for source, size in self._sources():
+        for source, size, whole in self._sources():
             # A folder too large for the cache has nothing to prepare: setup checks its files once.
             if is_torchvision_source(source) or fits_in_cache(len(find_images(source)[0]), size):
-                open_dataset(source, size)
+                open_dataset(source, size, whole_photos=whole)
 
-    def _sources(self) -> list[tuple[str, int]]:
-        """(source, image size) of every dataset the run opens."""
-        sources = [(self.spec.train, self.crop_source_size)]
+    def _sources(self) -> list[tuple[str, int, bool]]:
+        """(source, image size, whole photos) of every dataset the run opens: training crops are
+        cut from whole photos, the kNN monitor sees their centre squares."""
+        sources = [(self.spec.train, self.crop_source_size, True)]
         if self.spec.val is not None:
-            sources.append((self.spec.val, self.image_size))
+            sources.append((self.spec.val, self.image_size, False))
             if self.spec.monitor_bank is not None:
-                sources.append((self.spec.monitor_bank, self.image_size))
+                sources.append((self.spec.monitor_bank, self.image_size, False))
         return sources
 
     @property
@@ -457,7 +527,7 @@ class SSLDataModule(pl.LightningDataModule):
         limit_threads_after_fork()  # the first CPU work in a ddp_notebook worker happens here
         if self.train_set is not None:
             return
-        self.train_set = open_dataset(self.spec.train, self.crop_source_size)
+        self.train_set = open_dataset(self.spec.train, self.crop_source_size, whole_photos=True)
         if self.spec.val is not None:
             self.val_set = open_dataset(self.spec.val, self.image_size)
             bank = open_dataset(self.spec.monitor_bank, self.image_size) if self.spec.monitor_bank else None

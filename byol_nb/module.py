@@ -97,9 +97,11 @@ class BYOLModule(pl.LightningModule):
         """A seed that depends only on (run seed, global step, rank): resuming replays the same views."""
         return (self.config.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, _ = batch
-        view1, view2 = self.augment(images, seed=self.augment_seed())
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        """``batch``: uint8 images and labels (unused), and for letterboxed photos where each photo
+        sits in its square (:class:`byol_nb.data.ImageFolder`), which bounds the crops."""
+        images, content = batch[0], (batch[2] if len(batch) > 2 else None)
+        view1, view2 = self.augment(images, seed=self.augment_seed(), content=content)
         outputs = self.nets(_channels_last(torch.cat([view1.images, view2.images])))
         if self.config.pixel:
             loss = self.pixel_loss(outputs, view1, view2)
@@ -109,7 +111,7 @@ class BYOLModule(pl.LightningModule):
                 self.log("train/instance_loss", instance)
                 loss = loss + self.config.instance_weight * instance
         else:
-            loss = self.nets.instance_loss(outputs, self.local_projections(images))
+            loss = self.nets.instance_loss(outputs, self.local_projections(images, content))
         self.nonfinite_step = torch.where((self.nonfinite_step < 0) & ~torch.isfinite(loss.detach()),
                                           self.global_step, self.nonfinite_step)
         self.log("train/loss", loss)
@@ -141,7 +143,7 @@ class BYOLModule(pl.LightningModule):
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
 
-    def local_projections(self, images: Tensor) -> list[Tensor]:
+    def local_projections(self, images: Tensor, content: Tensor | None = None) -> list[Tensor]:
         """The online projections of this step's local (multi-crop) views, one per view; none without.
 
         They take their own forward pass (a smaller size than the main views), so BatchNorm sees them
@@ -149,7 +151,7 @@ class BYOLModule(pl.LightningModule):
         """
         if not self.config.local_views:
             return []
-        views = self.augment.local_views(images, seed=self.augment_seed())
+        views = self.augment.local_views(images, seed=self.augment_seed(), content=content)
         _, projection = self.nets.online(_channels_last(torch.cat([view.images for view in views])))
         return list(projection.chunk(self.config.local_views))
 
