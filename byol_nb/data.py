@@ -225,7 +225,7 @@ class ImageFolder(Dataset):
                 array, box = _decode(self.files[i], self.image_size, self.whole_photos)
                 image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
                 if self.whole_photos:
-                    return image, self.labels[i], content_boxes(torch.tensor([box]), self.image_size)[0]
+                    return image, self.labels[i], content_boxes(torch.tensor(box), self.image_size)
                 return image, self.labels[i]
             except UnreadableImage as error:
                 self.runtime_failures += 1
@@ -448,7 +448,7 @@ class DeviceBatches:
         self.pixels = torch.as_tensor(dataset.pixels).to(device)  # type: ignore[attr-defined]
         self.labels = torch.as_tensor(dataset_labels(dataset), device=device)
         content = getattr(dataset, "content", None)
-        self.content = None if content is None else content.to(device)
+        self.columns = (self.pixels, self.labels) + (() if content is None else (content.to(device),))
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
@@ -457,10 +457,7 @@ class DeviceBatches:
         indices = torch.tensor(list(self.sampler), dtype=torch.long)
         for start in range(0, len(indices) - self.batch_size + 1, self.batch_size):
             batch = indices[start:start + self.batch_size].to(self.pixels.device, non_blocking=True)
-            if self.content is None:
-                yield self.pixels[batch], self.labels[batch]
-            else:
-                yield self.pixels[batch], self.labels[batch], self.content[batch]
+            yield tuple(column[batch] for column in self.columns)
 
 
 DEVICE_MEMORY_SHARE = 0.2  # the most of a GPU's memory a dataset may take there; training needs the rest
