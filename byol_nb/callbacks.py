@@ -58,7 +58,7 @@ class MonitorInterval(pl.Callback):
     """Run the kNN monitor every ``every_n_epochs`` epochs, and at least once in a run of one full
     epoch or more: the interval shrinks to the run's number of full epochs, which is known only
     once the training data is loaded (a ``--max-steps`` run). Each monitor pass embeds the whole
-    labeled split, so passes every epoch cost a short run about 15% of its time."""
+    labeled split, so a pass every epoch would take a good share of a short run's time."""
 
     def __init__(self, every_n_epochs: int) -> None:
         self.every_n_epochs = every_n_epochs

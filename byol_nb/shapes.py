@@ -27,9 +27,9 @@ from PIL import Image, ImageDraw
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring")
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "data" / "shapes"
 _SUPERSAMPLE = 4  # draw large, then downsample: smooth edges without an anti-aliasing library
-# Size and position vary within what two views teach a network to ignore. The views' crops (35% of
-# the image to all of it) zoom the shape by at most 1.7x and shift it by at most a fifth of the
-# view; a nuisance that varies more than the views do is one they cannot teach the network to
+# Size and position vary within what two views teach a network to ignore. The views' crops (a
+# quarter of the image to all of it with --data shapes) zoom the shape by at most 2x and shift it
+# within the view; a nuisance that varies more than the views do is one they cannot teach the network to
 # ignore: with shapes of any size anywhere in the image, trained features kept size and position,
 # and two images of one class stayed as far apart as two images alike in those. The position
 # mattered most.
