@@ -268,15 +268,21 @@ def colour_mask(mask: "torch.Tensor | np.ndarray") -> np.ndarray:
 def plot_image_masks(images: "torch.Tensor", masks: "torch.Tensor | np.ndarray", titles: list[str] | None = None,
                      size: float = 1.5):
     """Images (N, 3, H, W) above their segmentation masks (N, H, W)."""
-    n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(size * n, size * 2 + 0.2), squeeze=False)
-    for i in range(n):
-        axes[0, i].imshow(to_display(images[i]), interpolation="nearest")
-        axes[1, i].imshow(colour_mask(masks[i]), interpolation="nearest")
-        if titles is not None:
-            axes[0, i].set_title(titles[i], fontsize=8)
-        for ax in axes[:, i]:
+    return _columns([[to_display(image) for image in images], [colour_mask(masks[i]) for i in range(len(images))]],
+                    titles, size)
+
+
+def _columns(rows: list[list[np.ndarray]], titles: list[str] | None, size: float):
+    """Rows of pictures (anything ``imshow`` draws) of one length, lined up in columns, no axes;
+    ``titles`` over the first row."""
+    n = len(rows[0])
+    fig, axes = plt.subplots(len(rows), n, figsize=(size * n, size * len(rows) + 0.2), squeeze=False)
+    for row_axes, pictures in zip(axes, rows):
+        for ax, picture in zip(row_axes, pictures):
+            ax.imshow(picture, interpolation="nearest")
             ax.axis("off")
+    for ax, title in zip(axes[0], titles or []):
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -649,20 +655,9 @@ def plot_feature_pca(feature_maps: "torch.Tensor", images: "torch.Tensor | None"
                      titles: list[str] | None = None, panel: float = 1.6, remove_position: bool = True):
     """A feature map per image shown as colours (:func:`feature_pca_rgb`), under the images when given
     (uint8 or [0, 1] float (B, 3, S, S)): cells that show the same kind of thing share a colour."""
-    rgb = feature_pca_rgb(feature_maps, remove_position)
-    n = len(rgb)
-    rows = 1 if images is None else 2
-    fig, axes = plt.subplots(rows, n, figsize=(panel * n, panel * rows + 0.2), squeeze=False)
-    for i in range(n):
-        if images is not None:
-            axes[0, i].imshow(to_display(images[i]), interpolation="nearest")
-        axes[-1, i].imshow(rgb[i].numpy(), interpolation="nearest")
-        if titles is not None:
-            axes[0, i].set_title(titles[i], fontsize=8)
-        for ax in axes[:, i]:
-            ax.axis("off")
-    fig.tight_layout()
-    return fig
+    rgb = [colours.numpy() for colours in feature_pca_rgb(feature_maps, remove_position)]
+    shown = [] if images is None else [[to_display(images[i]) for i in range(len(rgb))]]
+    return _columns([*shown, rgb], titles, panel)
 
 
 def cell_similarity(feature_maps: "torch.Tensor", index: int, cell: tuple[int, int],
