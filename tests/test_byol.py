@@ -179,7 +179,7 @@ def test_momentum_is_read_from_the_global_step_so_a_resumed_run_continues_it():
         max_epochs, max_steps = -1, 200
 
     module = BYOLModule(TrainConfig(proj_hidden=32, tau_base=0.99))
-    module._trainer = FakeTrainer()  # what Lightning attaches; global_step is read through it
+    module.trainer = FakeTrainer()  # Lightning's public setter; global_step is read through it
     FakeTrainer.global_step = 150
     assert module.current_tau() == pytest.approx(cosine_momentum(150, 200, 0.99))
     assert module.current_tau() > 0.998  # far from tau_base = 0.99, where a restarted schedule would be
