@@ -126,7 +126,10 @@ class Context:
         return folder
 
     def train(self, name: str, *flags: str, devices: int = 1) -> dict:
-        """``python -m byol_nb.train`` in a subprocess (``--strategy ddp`` on several devices); its metrics.json."""
+        """``python -m byol_nb.train`` in a subprocess (``--strategy ddp`` on several devices); its metrics.json.
+
+        The run's folder is removed once read: the check needs only the metrics, and each run's
+        checkpoints hold a few hundred MB."""
         out = self.work / "runs" / name
         shutil.rmtree(out, ignore_errors=True)
         command = [sys.executable, "-m", "byol_nb.train", "--accelerator", self.accelerator, "--precision",
@@ -140,7 +143,9 @@ class Context:
             raise RuntimeError(f"{name}: no result after {TRAIN_TIMEOUT_S} s") from None
         if done.returncode != 0:
             raise RuntimeError(f"{name}: exit status {done.returncode}: {root_cause(done.stderr or done.stdout)}")
-        return json.loads((out / "metrics.json").read_text())
+        metrics = json.loads((out / "metrics.json").read_text())
+        shutil.rmtree(out)
+        return metrics
 
 
 def last_line(text: str) -> str:
@@ -275,6 +280,7 @@ def host_syncs(ctx: Context) -> Iterator[Row]:
                             "--proj-hidden", "32", "--max-steps", str(SYNC_STEPS), "--log-every-n-steps",
                             str(SYNC_LOG_EVERY), "--accelerator", ctx.accelerator, "--precision", ctx.precision,
                             "--no-progress", "--out", str(out), *METHODS[name]])
+        shutil.rmtree(out)  # only the step marks are needed
         per_step = [b - a for a, b in zip(marks.marks, marks.marks[1:])]  # step k, up to the start of k + 1
         worst[name] = max(n for k, n in enumerate(per_step) if k > 0 and (k + 1) % SYNC_LOG_EVERY)
         # The logging steps read the loss: a counter that saw nothing there counts nothing at all.
