@@ -9,9 +9,11 @@ dictionary of tensors and strings (no pickled classes) for the same reason.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,13 +34,22 @@ class CheckpointError(ValueError):
     and the fix."""
 
 
+class DiskFullError(OSError):
+    """A save that failed because its disk is full; the previous file is intact."""
+
+
+# Below this much free space a failed write is put down to a full disk: torch.save reports a short
+# write as "unexpected pos", without the OSError's errno.
+FULL_DISK_BYTES = 64 * 2**20
+
+
 def atomic_save(obj: object, path: str | Path) -> Path:
     """``torch.save`` that never leaves a half-written ``path``.
 
     The bytes go to a temporary file in the same folder (so the rename stays on one filesystem),
     are flushed to disk, then ``os.replace`` swaps it in: a reader, or a run resumed after a crash,
     sees either the previous complete file or the new one. Temporaries left by a process killed
-    while writing are removed by the next save.
+    while writing are removed by the next save. A full disk raises :class:`DiskFullError`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +62,15 @@ def atomic_save(obj: object, path: str | Path) -> Path:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
+    except Exception as error:
+        free = shutil.disk_usage(path.parent).free
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < FULL_DISK_BYTES:
+            kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+            raise DiskFullError(
+                f"could not write {path}: its disk is full ({free // 2**20} MB free); {kept}. Free space there "
+                f"or give --out a folder on another disk, then run again (with --resume to continue training)"
+            ) from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     directory = os.open(path.parent, os.O_RDONLY)

@@ -25,7 +25,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from byol_nb.callbacks import FailureInjection, MonitorInterval, ProgressBar, ThroughputMonitor
-from byol_nb.checkpoint import AtomicCheckpointIO, CheckpointError, check_resume, save_backbone
+from byol_nb.checkpoint import AtomicCheckpointIO, CheckpointError, DiskFullError, check_resume, save_backbone
 from byol_nb.config import TrainConfig, apply_data_defaults, build_parser, check_args, config_from_args
 from byol_nb.cpu_speed import speed_up_for_cpu
 from byol_nb.data import DataError, SSLDataModule
@@ -202,10 +202,10 @@ def _report(out: Path, metrics: dict) -> None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """``main`` with data problems turned into one ``error:`` line and exit status 1."""
+    """``main`` with data problems and a full disk turned into one ``error:`` line and exit status 1."""
     try:
         sys.exit(main(argv))
-    except DataError as error:
+    except (DataError, DiskFullError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -1,6 +1,6 @@
-"""Atomic checkpoint writes and untrusted files: a kill while saving leaves the previous file
-loadable; a file that would run code, or comes from another architecture or format, is refused
-with a message that names what is wrong."""
+"""Atomic checkpoint writes and untrusted files: a kill or a full disk while saving leaves the
+previous file loadable; a file that would run code, or comes from another architecture or format,
+is refused with a message that names what is wrong."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -55,6 +56,38 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert AtomicCheckpointIO().load_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], "temporary file left behind"
+
+
+def _short_write(obj, file):
+    file.write(b"PK\x03\x04 half a zip file")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 996")  # torch's words
+
+
+@pytest.mark.parametrize("free_mb, raised", [(1, checkpoint.DiskFullError), (10_000, RuntimeError)])
+def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, free_mb, raised):
+    path = tmp_path / "last.ckpt"
+    atomic_save({"step": torch.tensor(1)}, path)
+    monkeypatch.setattr(checkpoint.torch, "save", _short_write)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda folder: SimpleNamespace(free=free_mb * 2**20))
+    with pytest.raises(raised) as error:
+        atomic_save({"step": torch.tensor(2)}, path)
+    assert type(error.value) is raised  # a failure with space left is not called a full disk
+    if raised is checkpoint.DiskFullError:
+        assert f"could not write {path}: its disk is full (1 MB free); the previous last.ckpt is intact" in (
+            str(error.value))
+    monkeypatch.undo()
+    assert safe_load(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], "temporary file left behind"
+
+
+def test_a_full_disk_ends_the_command_with_one_error_line(monkeypatch):
+    def full_disk(argv):
+        raise checkpoint.DiskFullError("could not write runs/last.ckpt: its disk is full (0 MB free)")
+
+    monkeypatch.setattr(train, "main", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        train.cli([])
+    assert stop.value.code == "error: could not write runs/last.ckpt: its disk is full (0 MB free)"
 
 
 WRITER = """
