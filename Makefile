@@ -11,11 +11,11 @@ endif
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test lab bench gpu-check venv clean
+.PHONY: train test lint bench bench-test gpu-check venv clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements.txt
+$(VENV)/.installed: pyproject.toml requirements.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
@@ -29,8 +29,15 @@ train: venv
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# the speed and quality tables of BENCHMARKS.md (the speed part alone took 11 minutes on the 2-core CPU);
-# make bench ARGS=--quick for a smoke run of the harness
+# pyflakes and import order (pyproject.toml's [tool.ruff]); CI runs it before the tests
+lint: venv
+	$(PY) -m ruff check byol_nb tests bench
+
+# the benchmark harness's own tests, apart from the product's: its arithmetic and the GPU check's CPU dry run
+bench-test: venv
+	$(PY) -m pytest bench/tests $(PYTEST_ARGS)
+
+# the speed and quality tables of BENCHMARKS.md; make bench ARGS=--quick for a smoke run of the harness
 bench: venv
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[bench]'
 	$(PY) -m bench.run $(ARGS)
@@ -44,5 +51,7 @@ gpu-check: venv
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
 
+# everything the commands above generate (downloaded sets in data/cifar10 and data/stl10 are kept)
 clean:
-	rm -rf runs data/shapes data/cifar10-subset .pytest_cache
+	rm -rf runs lightning_logs bench/results data/shapes data/shapes-fast data/cache data/cifar10-subset \
+	    .pytest_cache .ruff_cache

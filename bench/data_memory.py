@@ -5,7 +5,7 @@
 
 Builds a uint8 array of STL-10's unlabeled split (100,000 x 3 x 96 x 96, 2.8 GB, random pixels:
 what is measured is the resize, not the content), hands it to the class that ``--data stl10``
-uses (``byol_nb.data.TensorImages``), collates one batch from it, and prints the process's peak
+uses (``byol_nb.datasets.TensorImages``), collates one batch from it, and prints the process's peak
 resident memory. The array itself is part of the figure: torchvision holds it too.
 """
 
@@ -17,7 +17,7 @@ import resource
 import numpy as np
 import torch
 
-from byol_nb.data import TensorImages
+from byol_nb.datasets import TensorImages
 
 STL10_UNLABELED = (100_000, 3, 96, 96)
 

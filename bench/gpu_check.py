@@ -378,13 +378,13 @@ NOTEBOOK_CELL = """\
 import pytorch_lightning as pl
 
 from byol_nb.config import TrainConfig
-from byol_nb.data import SSLDataModule
+from byol_nb.datamodule import SSLDataModule
 from byol_nb.devices import check_fork_safe
 from byol_nb.module import BYOLModule
 
 check_fork_safe("ddp_notebook")  # nothing in this kernel has touched CUDA
 config = TrainConfig(image_size=32, batch_size=8, proj_hidden=64)
-datamodule = SSLDataModule({data!r}, None, 32, config.batch_size)
+datamodule = SSLDataModule.from_config(config, {data!r})
 trainer = pl.Trainer(accelerator={accelerator!r}, devices={devices}, strategy="ddp_notebook", precision={precision!r},
                      max_steps=2, logger=False, enable_checkpointing=False, enable_model_summary=False,
                      enable_progress_bar=False, limit_val_batches=0)

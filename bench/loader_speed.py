@@ -4,7 +4,7 @@
     python -m bench.loader_speed --sizes 224 --workers 1 2 4
 
 Writes a folder of 500 x 375 JPEGs (the built-in generator's scenes, quality 90, under
-bench/results/photos) and streams it through ``byol_nb.data.ImageFolder`` without the decode cache,
+bench/results/photos) and streams it through ``byol_nb.datasets.ImageFolder`` without the decode cache,
 as a folder too large for the cache is trained: each worker opens, decodes (in JPEG draft mode) and
 resizes every whole photo into a square of the crop source size (twice the view size), batches of 64. Reports images
 per second after a warm-up batch, for each worker count; one worker's rate tells how many workers a
@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from byol_nb.data import CROP_SOURCE_FACTOR, ImageFolder
+from byol_nb.datamodule import CROP_SOURCE_FACTOR
+from byol_nb.datasets import ImageFolder
 from byol_nb.shapes import render_shape_image
 
 PHOTOS = Path(__file__).resolve().parent / "results" / "photos"

@@ -103,7 +103,7 @@ def train_byol_nb(setup: Setup, paired: bool = False) -> Trained:
     import pytorch_lightning as pl
 
     from byol_nb.config import TrainConfig
-    from byol_nb.data import TensorImages
+    from byol_nb.datasets import TensorImages
     from byol_nb.devices import resolve_precision
 
     class StepClock(pl.Callback):

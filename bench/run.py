@@ -45,7 +45,7 @@ def cached_pixels(split: str | None, size: int) -> Path:
                                    generator=torch.Generator().manual_seed(0))
             labels = torch.zeros(len(pixels), dtype=torch.long)
         else:
-            from byol_nb.data import ImageFolder
+            from byol_nb.datasets import ImageFolder
 
             folder = ImageFolder(SUBSET / split, size, cache=True)
             pixels, labels = folder.pixels, torch.tensor(folder.labels)

@@ -90,7 +90,7 @@ def paired(spec: dict) -> dict:
 
 def quality(spec: dict) -> dict:
     """kNN top-1 (byol_nb.metrics.knn_top1: cosine, k 20, T 0.1) of the backbone after training."""
-    from byol_nb.evaluate import extract_features
+    from byol_nb.features import extract_features
     from byol_nb.metrics import knn_top1
     from byol_nb.models import Backbone
 

@@ -22,18 +22,23 @@ from __future__ import annotations
 import math
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from kornia.color import rgb_to_grayscale
-from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction, adjust_hue,
-                            adjust_saturation_with_gray_subtraction, solarize)
+from kornia.enhance import (
+    adjust_brightness_accumulative,
+    adjust_contrast_with_mean_subtraction,
+    adjust_hue,
+    adjust_saturation_with_gray_subtraction,
+    solarize,
+)
 from kornia.filters import filter2d_separable, get_gaussian_kernel1d
 from torch import Tensor, nn
 
-from byol_nb.config import BYOL_JITTER
+from byol_nb.config import BYOL_JITTER, LOCAL_MIN_SCALE, TrainConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,6 +62,11 @@ class ViewRecipe:
     solarize_p: float
 
 
+# BYOL's two views (Grill et al. 2020, table 6): the first always blurred, the second rarely blurred
+# and sometimes solarized; everything else is drawn alike for both.
+BYOL_VIEWS = (ViewRecipe(blur_p=1.0, solarize_p=0.0), ViewRecipe(blur_p=0.1, solarize_p=0.2))
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """BYOL's recipe (Grill et al. 2020, table 6); the blur is scaled to the image size."""
@@ -68,12 +78,22 @@ class AugmentConfig:
     jitter: tuple[float, float, float, float] = BYOL_JITTER
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
-    views: tuple[ViewRecipe, ViewRecipe] = field(
-        default=(ViewRecipe(blur_p=1.0, solarize_p=0.0), ViewRecipe(blur_p=0.1, solarize_p=0.2)))
+    views: tuple[ViewRecipe, ViewRecipe] = BYOL_VIEWS
     # Multi-crop (Caron et al. 2020): extra small views of small crops, coloured like the second view.
     local_views: int = 0
     local_size: int = 16
-    local_crop_scale: tuple[float, float] = (0.05, 0.35)
+    local_crop_scale: tuple[float, float] = (LOCAL_MIN_SCALE, 0.35)
+
+    @classmethod
+    def from_train_config(cls, config: TrainConfig) -> "AugmentConfig":
+        """A training run's views: BYOL's recipe with the run's crops, jitter and grayscale, and its
+        multi-crop views cut from ``LOCAL_MIN_SCALE`` up to the main views' smallest crop; without
+        blur (``--no-blur``, solo-learn's CIFAR recipe) neither view is blurred."""
+        blur = 1.0 if config.blur else 0.0
+        return cls(config.image_size, crop_scale=(config.crop_min_scale, 1.0), jitter=tuple(config.jitter),
+                   grayscale_p=config.grayscale_p, views=tuple(replace(v, blur_p=blur * v.blur_p) for v in BYOL_VIEWS),
+                   local_views=config.local_views, local_size=config.local_view_size,
+                   local_crop_scale=(LOCAL_MIN_SCALE, config.crop_min_scale))
 
 
 def blur_kernel(size: int) -> int:

@@ -25,11 +25,10 @@ from typing import Callable, TypeVar
 
 import torch
 
-from byol_nb.data import DATA_ROOT
+from byol_nb.paths import DATA, REPO
 from byol_nb.shapes import generate_shapes
 
 T = TypeVar("T")
-REPO = DATA_ROOT.parent
 
 
 @dataclass(frozen=True)
@@ -66,10 +65,10 @@ class Lesson:
         if folder:
             return Path(folder).expanduser()
         archive = os.environ.get("BYOL_NB_PHOTOS_TAR")
-        subset = DATA_ROOT / "cifar10-subset"
+        subset = DATA / "cifar10-subset"
         if archive and not (subset / "test").is_dir() and Path(archive).is_file():
             with tarfile.open(archive) as tar:  # a local archive: no download
-                tar.extractall(DATA_ROOT, filter="data")
+                tar.extractall(DATA, filter="data")
         return subset if (subset / "test").is_dir() else None
 
 
@@ -78,8 +77,8 @@ def lesson() -> Lesson:
     per class at 64 px; 8 and 4 at 32 px with FAST=1), and say what was set up."""
     fast = os.environ.get("FAST", "0") == "1"
     runs = Path(os.environ.get("BYOL_NB_RUNS", REPO / "runs" / ("fast" if fast else "course")))
-    shapes = (generate_shapes(DATA_ROOT / "shapes-fast", train_per_class=8, test_per_class=4, size=32) if fast
-              else generate_shapes(DATA_ROOT / "shapes"))
+    shapes = (generate_shapes(DATA / "shapes-fast", train_per_class=8, test_per_class=4, size=32) if fast
+              else generate_shapes(DATA / "shapes"))
     os.environ["BYOL_NB_SHAPES"] = str(shapes)  # --data shapes, in this kernel and the runs it launches
     cap = os.environ.get("BYOL_NB_MAX_STEPS")
     setup = Lesson(fast=fast, runs=runs, shapes=shapes, max_steps=int(cap) if cap else None)

@@ -25,14 +25,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from byol_nb.paths import cache_root
+
 # Bump when what a cached array holds changes (the decoding, the crop, the layout).
 FORMAT = 1
-
-
-def cache_dir() -> Path:
-    """Where cached arrays live: ``BYOL_NB_CACHE``, else ``data/cache`` in the repository."""
-    default = Path(__file__).resolve().parent.parent / "data" / "cache"
-    return Path(os.environ.get("BYOL_NB_CACHE", default))
 
 
 def file_stamps(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
@@ -56,7 +52,7 @@ def cached_array(name: str, key: Any, build: Callable[[], tuple[np.ndarray, dict
     When the cache folder cannot be written (a read-only checkout), the built array is returned as is.
     """
     digest = hashlib.sha256(json.dumps([FORMAT, key], sort_keys=True).encode()).hexdigest()[:20]
-    folder = cache_dir()
+    folder = cache_root()
     array_path, meta_path = folder / f"{name}-{digest}.npy", folder / f"{name}-{digest}.json"
     if array_path.is_file() and meta_path.is_file():
         return np.load(array_path, mmap_mode="c"), json.loads(meta_path.read_text())

@@ -1,5 +1,6 @@
-"""Frozen-feature evaluation: kNN and linear probe on a labeled train/test pair, and a dense
-(segmentation) probe on the built-in dataset's masks.
+"""Scoring a trained backbone on labeled data: kNN and linear probes on a labeled train/test pair,
+and a dense (segmentation) probe on the built-in dataset's masks; ``python -m byol_nb.evaluate``
+scores a backbone file.
 
     python -m byol_nb.evaluate --backbone runs/byol/backbone.pt --train data/shapes/train \
         --test data/shapes/test --task knn
@@ -17,34 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from byol_nb.augment import normalize, resized_crop, sample_crop_boxes
-from byol_nb.cpu_speed import speed_up_for_cpu
-from byol_nb.data import DataError, dataset_labels, open_dataset
-from byol_nb.metrics import (first_per_class, knn_top1, linear_probe_top1, predict_masks, segmentation_probe,
-                             segmentation_scores)
-from byol_nb.models import Backbone
+from byol_nb.checkpoint import load_backbone, read_backbone_file
+from byol_nb.datasets import dataset_labels, open_dataset
+from byol_nb.features import extract_feature_maps, extract_features
+from byol_nb.images import DataError
+from byol_nb.metrics import knn_top1, linear_probe_top1, predict_masks, segmentation_probe, segmentation_scores
 from byol_nb.shapes import mask_path
 
 TASKS = ("knn", "linear", "segmentation")
-
-
-@torch.no_grad()
-def extract_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 256,
-                     device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-    """Pooled features (N, dim) and labels (N,) of a dataset of uint8 images, in eval mode."""
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
-    for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        features.append(backbone(normalize(images.to(device))).float().cpu())
-        labels.append(torch.as_tensor(targets))
-    backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
 
 
 def evaluate_backbone(backbone: nn.Module, train: Dataset, test: Dataset, task: str = "knn",
@@ -60,19 +45,6 @@ def evaluate_backbone(backbone: nn.Module, train: Dataset, test: Dataset, task: 
     if task == "linear":
         return linear_probe_top1(train_x, train_y, test_x, test_y)
     raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-
-
-@torch.no_grad()
-def extract_feature_maps(dense: nn.Module, dataset: Dataset, batch_size: int = 256,
-                         device: str | torch.device = "cpu") -> Tensor:
-    """Feature maps (N, dim, H, W) of a dataset of uint8 images, in eval mode, from ``dense``, a
-    network that returns maps (``load_backbone(..., dense=True)``, ``Backbone.body``)."""
-    was_training = dense.training
-    dense.eval()
-    maps = [dense(normalize(images.to(device))).float().cpu()
-            for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False)]
-    dense.train(was_training)
-    return torch.cat(maps)
 
 
 def load_mask(path: str | Path, size: int) -> np.ndarray:
@@ -120,8 +92,6 @@ def evaluate_segmentation(dense: nn.Module, train: Dataset, test: Dataset, image
 
 
 def main(argv: list[str] | None = None) -> int:
-    from byol_nb.checkpoint import load_backbone, read_backbone_file
-
     parser = argparse.ArgumentParser(prog="python -m byol_nb.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", required=True, help="backbone.pt written by byol_nb.train")
     parser.add_argument("--train", required=True, help="labeled folder (one sub-folder per class) or cifar10:train")
@@ -150,38 +120,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def supervised_top1(train: Dataset, test: Dataset, per_class: int, steps: int = 300, batch_size: int = 64,
-                    lr: float = 0.05, seed: int = 0, small_stem: bool = False,
-                    device: str | torch.device = "cpu") -> float:
-    """Top-1 (%) on ``test`` of a ResNet-18 trained from random initialisation, with labels, on the
-    first ``per_class`` images of each class of ``train``: the baseline self-supervision has to
-    beat with as few labels. The images get random crops (35-100% of the area) and flips, the
-    geometric part of BYOL's views, and SGD with momentum for ``steps`` steps on a cosine schedule."""
-    images = torch.stack([train[i][0] for i in range(len(train))])
-    labels = torch.as_tensor(dataset_labels(train))
-    index = first_per_class(labels, per_class)
-    images, labels = images[index].to(device), labels[index].to(device)
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    backbone = Backbone("resnet18", small_stem=small_stem)
-    network = nn.Sequential(backbone, nn.Linear(backbone.dim, int(labels.max()) + 1)).to(device)
-    if torch.device(device).type == "cpu":
-        speed_up_for_cpu(network)  # as the training entry points do on the CPU; see cpu_speed.py
-    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    size = images.shape[-1]
-    network.train()
-    for _ in range(steps):
-        batch = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator).to(device)
-        boxes = sample_crop_boxes(len(batch), (0.35, 1.0), (3 / 4, 4 / 3), device)
-        flips = torch.rand(len(batch), device=device) < 0.5
-        views = resized_crop(images[batch].float() / 255, boxes, flips, size)
-        loss = F.cross_entropy(network(normalize(views)), labels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    test_x, test_y = extract_features(network, test, device=device)  # the classifier's logits
-    return 100.0 * (test_x.argmax(1) == test_y).float().mean().item()

@@ -6,7 +6,7 @@ Why a subprocess: the training processes own the GPUs (any number, any strategy)
 kernel never touches CUDA, so ``ddp_notebook``'s fork restriction, a crashed worker or a CUDA
 out-of-memory cannot break the kernel. This module imports only the standard library: importing
 it (or ``byol_nb``) does not import torch: the options are checked against the training script's
-parser (:mod:`byol_nb.config`, standard library only) before any process starts.
+parser (:mod:`byol_nb.cli`, standard library only) before any process starts.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections import deque
 from pathlib import Path
 from typing import TextIO
 
-from byol_nb.config import command_line
+from byol_nb.cli import command_line
 
 
 class LaunchError(RuntimeError):
@@ -32,7 +32,7 @@ class LaunchError(RuntimeError):
 
 def train_command(out: str | Path, **options: object) -> list[str]:
     """The command that trains with ``options``: ``python -m byol_nb.train --out OUT ...``, with the
-    options turned into flags by :func:`byol_nb.config.command_line` (``max_steps=3`` gives
+    options turned into flags by :func:`byol_nb.cli.command_line` (``max_steps=3`` gives
     ``--max-steps 3``) and checked by the training script's own parser. Raises ValueError for an
     unknown option or a value it refuses, naming the valid options."""
     return [sys.executable, "-m", "byol_nb.train", "--out", str(out), *command_line(**options)]

@@ -57,12 +57,6 @@ def multi_crop_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, local: 
 # ``c`` (left to right) of an (H, W) map, i.e. ``rearrange(fmap, "b c h w -> b c (h w)")``. Every
 # mask and pixel loss below uses that order.
 
-# Pixel contrast: cells of the same image farther apart than this (in cell diagonals) are its
-# negatives; those between the positive threshold and this are neither (the official
-# ``--pixpro-neg-ratio``).
-PIXEL_NEGATIVE_DISTANCE = 1.0
-
-
 def _cell_centres(boxes: Tensor, flips: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
     """Centres (x, y), each (B, H*W), of a view's feature-map cells in original-image coordinates,
     and each cell's diagonal (B, 1, 1), in the official code's arithmetic order.
@@ -141,13 +135,14 @@ def symmetric_pixpro_loss(y1: Tensor, y2: Tensor, t1: Tensor, t2: Tensor, mask: 
 
 def pixel_contrast_loss(queries: Tensor, keys: Tensor, distance: Tensor, temperature: float = 0.3,
                         all_keys: Tensor | None = None, positive_below: float = 0.7,
-                        negative_above: float = PIXEL_NEGATIVE_DISTANCE, offset: int | None = None) -> Tensor:
+                        negative_above: float = 1.0, offset: int | None = None) -> Tensor:
     """PixContrast (InfoNCE over pixels), one direction, averaged over query pixels with a positive.
 
     For query pixel ``i`` of image ``b`` (online, view 1), with ``d = distance[b, i, j]`` to key
     pixel ``j`` of the same image's other view (:func:`cell_distances`): the positives are the keys
     with ``d < positive_below``; the negatives are those with ``d > negative_above`` and every key
-    pixel of every other image; keys in between are neither (as in the official code)::
+    pixel of every other image; keys in between are neither (as in the official code, whose
+    ``--pixpro-pos-ratio`` and ``--pixpro-neg-ratio`` default to 0.7 and 1.0)::
 
         loss_i = -log( sum_{j positive} e^{cos(q_i, k_j) / T} / sum_{k positive or negative} e^{cos(q_i, k) / T} )
 
@@ -186,8 +181,9 @@ def pixel_contrast_loss(queries: Tensor, keys: Tensor, distance: Tensor, tempera
 def symmetric_pixel_contrast_loss(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, distance: Tensor,
                                   temperature: float = 0.3, all_k1: Tensor | None = None,
                                   all_k2: Tensor | None = None, positive_below: float = 0.7,
-                                  offset: int | None = None) -> Tensor:
+                                  negative_above: float = 1.0, offset: int | None = None) -> Tensor:
     """Pixel contrast in both directions (view 1 queries against view 2 keys, and the reverse), summed.
     ``distance`` is view 1 -> view 2 (:func:`cell_distances`); the reverse uses its transpose."""
-    return (pixel_contrast_loss(q1, k2, distance, temperature, all_k2, positive_below, offset=offset)
-            + pixel_contrast_loss(q2, k1, distance.transpose(1, 2), temperature, all_k1, positive_below, offset=offset))
+    return (pixel_contrast_loss(q1, k2, distance, temperature, all_k2, positive_below, negative_above, offset)
+            + pixel_contrast_loss(q2, k1, distance.transpose(1, 2), temperature, all_k1, positive_below,
+                                  negative_above, offset))

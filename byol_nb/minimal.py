@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from byol_nb.augment import AugmentConfig, TwoViewAugment
 from byol_nb.cpu_speed import speed_up_for_cpu
 from byol_nb.ema import cosine_momentum, ema_update_
-from byol_nb.evaluate import extract_features
+from byol_nb.features import extract_features
 from byol_nb.metrics import collapse_std, knn_top1
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.optim import build_optimizer, warmup_cosine
@@ -43,7 +43,7 @@ def byol_step(nets: BYOLNetworks, augment: TwoViewAugment, images: Tensor, use_p
     view1, view2 = augment(images, seed=seed)
     outputs = nets(torch.cat([view1.images, view2.images]))
     if not use_stop_grad:
-        outputs = outputs._replace(target=outputs.projection)
+        outputs = outputs._replace(target_projection=outputs.projection)
     return nets.instance_loss(outputs, use_predictor=use_predictor, stop_gradient=use_stop_grad), outputs.projection
 
 

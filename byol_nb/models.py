@@ -1,6 +1,7 @@
 """Networks: a ResNet backbone that gives a pooled vector *and* a feature map, BYOL's MLP heads,
 PixPro's pixel projector and Pixel Propagation Module, and the online/target pair with the one
-forward pass and instance loss that every trainer here shares.
+forward pass that every trainer here shares and each method's loss, composed in one place
+(:meth:`BYOLNetworks.loss`).
 
 The target network is a real, separate copy (``copy.deepcopy``) whose parameters never receive
 gradients; it only moves through :func:`byol_nb.ema.ema_update_`. All heads are built in
@@ -19,8 +20,10 @@ import torchvision
 from einops import rearrange
 from torch import Tensor, nn
 
-from byol_nb.config import BACKBONES, PIXEL_METHODS, feature_map_side
-from byol_nb.losses import multi_crop_byol_loss
+from byol_nb.augment import View
+from byol_nb.config import BACKBONES, PIXEL_METHODS, TrainConfig, backbone_stride
+from byol_nb.distributed import gather_with_grad
+from byol_nb.losses import cell_distances, multi_crop_byol_loss, symmetric_pixel_contrast_loss, symmetric_pixpro_loss
 
 
 class Backbone(nn.Module):
@@ -46,11 +49,7 @@ class Backbone(nn.Module):
 
     def stride(self) -> int:
         """Input pixels per feature-map cell."""
-        return 8 if self.small_stem else 32
-
-    def feature_side(self, image_size: int) -> int:
-        """Side of the feature map of a square ``image_size`` input."""
-        return feature_map_side(image_size, self.small_stem)
+        return backbone_stride(self.small_stem)
 
     def feature_map(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) -> (B, dim, S / stride, S / stride)."""
@@ -137,7 +136,7 @@ class Outputs(NamedTuple):
     fmap: Tensor  # online feature maps (N, dim, H, W)
     projection: Tensor  # online projections (N, out_dim)
     target_fmap: Tensor  # target feature maps, no gradient
-    target: Tensor  # target projections, no gradient
+    target_projection: Tensor  # target projections, no gradient
 
 
 class BYOLNetworks(nn.Module):
@@ -148,11 +147,12 @@ class BYOLNetworks(nn.Module):
     counterpart of the predictor. Pixel contrast compares the pixel projections directly.
     """
 
-    def __init__(self, backbone: Backbone, hidden_dim: int = 4096, out_dim: int = 256, method: str = "byol") -> None:
+    def __init__(self, backbone: Backbone, hidden_dim: int = 4096, out_dim: int = 256, method: str = "byol",
+                 ppm_gamma: float = 2.0) -> None:
         super().__init__()
         self.online = Encoder(backbone, hidden_dim, out_dim, pixel=method in PIXEL_METHODS)
         self.predictor = MLP(out_dim, hidden_dim, out_dim)
-        self.propagation = PixelPropagation(out_dim) if method == "pixpro" else None
+        self.propagation = PixelPropagation(out_dim, ppm_gamma) if method == "pixpro" else None
         self.target = copy.deepcopy(self.online)
         self.target.requires_grad_(False)
         for module in self.target.modules():
@@ -160,6 +160,12 @@ class BYOLNetworks(nn.Module):
             # running statistics move only through the EMA of the online network's, like its weights.
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = 0.0
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "BYOLNetworks":
+        """The networks of a run: its backbone, head sizes, method and PPM."""
+        backbone = Backbone(config.backbone, small_stem=config.small_stem, pretrained=config.pretrained)
+        return cls(backbone, config.proj_hidden, config.proj_dim, method=config.method, ppm_gamma=config.ppm_gamma)
 
     @property
     def backbone(self) -> Backbone:
@@ -170,8 +176,8 @@ class BYOLNetworks(nn.Module):
         forward pass each, so that BatchNorm sees every view of the batch together."""
         fmap, projection = self.online(views)
         with torch.no_grad():
-            target_fmap, target = self.target(views)
-        return Outputs(fmap, projection, target_fmap, target)
+            target_fmap, target_projection = self.target(views)
+        return Outputs(fmap, projection, target_fmap, target_projection)
 
     def instance_loss(self, outputs: Outputs, local: Sequence[Tensor] = (), use_predictor: bool = True,
                       stop_gradient: bool = True) -> Tensor:
@@ -184,6 +190,43 @@ class BYOLNetworks(nn.Module):
         """
         predict = self.predictor if use_predictor else nn.Identity()
         p1, p2 = predict(outputs.projection).chunk(2)
-        z1, z2 = outputs.target.chunk(2)
+        z1, z2 = outputs.target_projection.chunk(2)
         local_predictions = predict(torch.cat(list(local))).chunk(len(local)) if local else ()
         return multi_crop_byol_loss(p1, p2, z1, z2, local_predictions, stop_gradient)
+
+    def pixel_loss(self, outputs: Outputs, view1: View, view2: View, config: TrainConfig) -> Tensor:
+        """PixPro's or pixel contrast's loss on the feature maps of both views (stacked on the batch).
+
+        Which cells match comes from this step's own crop boxes and flips, sample by sample.
+        """
+        projection = self.online.pixel_projector(outputs.fmap)
+        with torch.no_grad():
+            target = self.target.pixel_projector(outputs.target_fmap)
+        t1, t2 = target.chunk(2)
+        distance = cell_distances(view1.boxes, view1.flips, view2.boxes, view2.flips, tuple(outputs.fmap.shape[-2:]))
+        if config.method == "pixpro":
+            y1, y2 = self.propagation(projection).chunk(2)
+            return symmetric_pixpro_loss(y1, y2, t1, t2, distance < config.pixel_threshold)
+        q1, q2 = projection.chunk(2)
+        # The one place where the pixel branch crosses processes: every process's target pixels are
+        # negatives (the global batch); no gradient flows into them. The positive pairs stay local.
+        return symmetric_pixel_contrast_loss(q1, q2, t1, t2, distance, config.pixel_temperature,
+                                             gather_with_grad(t1), gather_with_grad(t2),
+                                             config.pixel_threshold, config.pixel_negative_distance)
+
+    def loss(self, outputs: Outputs, view1: View, view2: View, config: TrainConfig,
+             local: Sequence[Tensor] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss of ``config.method`` and its parts, for the logs.
+
+        byol: :meth:`instance_loss` (with the multi-crop views' projections ``local``). The pixel
+        methods: :meth:`pixel_loss` plus ``instance_weight`` times BYOL's loss on the pooled features
+        (PixPro's "+ instance" variant; weight 0 is the paper's pixel-only recipe).
+        """
+        if not config.pixel:
+            return self.instance_loss(outputs, local), {}
+        loss = pixel = self.pixel_loss(outputs, view1, view2, config)
+        parts = {"pixel_loss": pixel}
+        if config.instance_weight > 0:
+            parts["instance_loss"] = instance = self.instance_loss(outputs)
+            loss = pixel + config.instance_weight * instance
+        return loss, parts

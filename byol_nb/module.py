@@ -19,23 +19,21 @@ stopped being finite stops the run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from byol_nb.augment import AugmentConfig, TwoViewAugment, View, ViewRecipe, normalize
-from byol_nb.config import LOCAL_MIN_SCALE, TrainConfig, check_config
+from byol_nb.augment import AugmentConfig, TwoViewAugment, normalize
+from byol_nb.config import TrainConfig, check_config
 from byol_nb.devices import check_worker_can_use_cuda
 from byol_nb.distributed import convert_sync_batchnorm, gather_with_grad
 from byol_nb.ema import cosine_momentum, ema_update_
-from byol_nb.losses import cell_distances, symmetric_pixel_contrast_loss, symmetric_pixpro_loss
 from byol_nb.metrics import collapse_std, knn_top1
-from byol_nb.models import Backbone, BYOLNetworks, Outputs
+from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.optim import build_optimizer, warmup_cosine
-
-PIXEL_CONTRAST_TEMPERATURE = 0.3
 
 
 class BYOLModule(pl.LightningModule):
@@ -45,8 +43,7 @@ class BYOLModule(pl.LightningModule):
         check_config(config)
         self.config = config
         self.save_hyperparameters(asdict(config))
-        backbone = Backbone(config.backbone, small_stem=config.small_stem, pretrained=config.pretrained)
-        self.nets = BYOLNetworks(backbone, config.proj_hidden, config.proj_dim, method=config.method)
+        self.nets = BYOLNetworks.from_config(config)
         # channels_last weights, like the channels_last input of every step: convolutions then
         # reorder nothing (and GPUs' tensor cores prefer it).
         self.nets.to(memory_format=torch.channels_last)
@@ -54,13 +51,7 @@ class BYOLModule(pl.LightningModule):
             # Unused heads must not require gradients: DDP would wait for them, the optimizer skip them.
             self.nets.online.projector.requires_grad_(False)
             self.nets.predictor.requires_grad_(False)
-        blur = 1.0 if config.blur else 0.0
-        self.augment = TwoViewAugment(AugmentConfig(config.image_size, crop_scale=(config.crop_min_scale, 1.0),
-                                                    jitter=tuple(config.jitter), grayscale_p=config.grayscale_p,
-                                                    views=(ViewRecipe(blur_p=blur, solarize_p=0.0),
-                                                           ViewRecipe(blur_p=0.1 * blur, solarize_p=0.2)),
-                                                    local_views=config.local_views, local_size=config.local_view_size,
-                                                    local_crop_scale=(LOCAL_MIN_SCALE, config.crop_min_scale)))
+        self.augment = TwoViewAugment(AugmentConfig.from_train_config(config))
         # The first global step whose loss was not finite (-1: none yet), kept on the device.
         self.register_buffer("nonfinite_step", torch.tensor(-1), persistent=False)
         self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {}
@@ -72,16 +63,43 @@ class BYOLModule(pl.LightningModule):
     def backbone(self) -> Backbone:
         return self.nets.backbone
 
+    # ---- the run's length and its schedules, all functions of the global step -------------------
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: the length of the training loader the trainer built (any
+        loader, ``SSLDataModule``'s or a plain DataLoader), known once training has started."""
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError("the training loader has no length, so a run measured in epochs has no end: "
+                             "give --max-steps (Trainer(max_steps=...)) instead")
+        return int(batches)
+
     def total_steps(self) -> int:
-        """The run's length in optimizer steps, from ``--max-steps`` or the epochs and the
-        datamodule. Not Lightning's ``estimated_stepping_batches``: for an epoch-based run that
-        builds the training DataLoader, and called from ``configure_optimizers`` (before a resumed
-        run's step is restored) it would make the resumed run start at the beginning of its epoch."""
+        """The run's length in optimizer steps: ``max_steps``, or the epochs times
+        :meth:`steps_per_epoch`, whichever ends first."""
         trainer = self.trainer
         if trainer.max_epochs is None or trainer.max_epochs < 0:
             return int(trainer.max_steps)
-        by_epochs = trainer.max_epochs * trainer.datamodule.steps_per_epoch(trainer.world_size)
+        by_epochs = trainer.max_epochs * self.steps_per_epoch()
         return by_epochs if trainer.max_steps < 0 else min(by_epochs, trainer.max_steps)
+
+    def peak_learning_rate(self) -> float:
+        """``lr`` per 256 images, scaled to the global batch (every process's ``batch_size``)."""
+        return self.config.lr * self.config.batch_size * self.trainer.world_size / 256
+
+    def learning_rate(self, step: int) -> float:
+        """The rate of optimizer step ``step``: a linear warmup, then a cosine decay to 0.
+
+        Like tau, a function of the global step alone, so a resumed run continues exactly. It is
+        read when the step happens, not when the optimizer is built: Lightning builds the optimizer
+        before the training loader (whose length an epoch-based run needs) and before a resumed
+        run's step is restored, and asking for the length then would build the loader too early.
+        """
+        total = self.total_steps()
+        warmup = self.config.warmup_length(self.steps_per_epoch(), total)
+        return self.peak_learning_rate() * warmup_cosine(step, warmup, total)
+
+    def current_tau(self) -> float:
+        return cosine_momentum(self.global_step, self.total_steps(), self.config.tau_base)
 
     def setup(self, stage: str) -> None:
         """With several processes, synchronise BatchNorm (before the optimizer and DDP exist): N
@@ -98,20 +116,14 @@ class BYOLModule(pl.LightningModule):
         return (self.config.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        """``batch``: uint8 images and labels (unused), and for letterboxed photos where each photo
-        sits in its square (:class:`byol_nb.data.ImageFolder`), which bounds the crops."""
+        """``batch``: uint8 images and labels (unused), and, for letterboxed photos, each photo's box
+        in its square (:class:`byol_nb.datasets.ImageFolder`), which bounds the crops."""
         images, content = batch[0], (batch[2] if len(batch) > 2 else None)
         view1, view2 = self.augment(images, seed=self.augment_seed(), content=content)
         outputs = self.nets(_channels_last(torch.cat([view1.images, view2.images])))
-        if self.config.pixel:
-            loss = self.pixel_loss(outputs, view1, view2)
-            self.log("train/pixel_loss", loss)
-            if self.config.instance_weight > 0:
-                instance = self.nets.instance_loss(outputs)
-                self.log("train/instance_loss", instance)
-                loss = loss + self.config.instance_weight * instance
-        else:
-            loss = self.nets.instance_loss(outputs, self.local_projections(images, content))
+        loss, parts = self.nets.loss(outputs, view1, view2, self.config, self.local_projections(images, content))
+        for name, value in parts.items():
+            self.log(f"train/{name}", value)
         self.nonfinite_step = torch.where((self.nonfinite_step < 0) & ~torch.isfinite(loss.detach()),
                                           self.global_step, self.nonfinite_step)
         self.log("train/loss", loss)
@@ -120,7 +132,7 @@ class BYOLModule(pl.LightningModule):
             self.progress_values["loss"] = round(loss.item(), 4)
             self.log("train/collapse_std", collapse_std(gather_with_grad(outputs.projection.detach())))
             self.log("train/tau", self.current_tau())
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+            self.log("train/lr", self.learning_rate(self.global_step))
         return loss
 
     def check_finite_loss(self) -> None:
@@ -155,52 +167,25 @@ class BYOLModule(pl.LightningModule):
         _, projection = self.nets.online(_channels_last(torch.cat([view.images for view in views])))
         return list(projection.chunk(self.config.local_views))
 
-    def pixel_loss(self, outputs: Outputs, view1: View, view2: View) -> Tensor:
-        """PixPro's or pixel contrast's loss on the feature maps of both views (stacked on the batch).
-
-        Which cells match comes from this step's own crop boxes and flips, sample by sample.
-        """
-        projection = self.nets.online.pixel_projector(outputs.fmap)
-        with torch.no_grad():
-            target = self.nets.target.pixel_projector(outputs.target_fmap)
-        t1, t2 = target.chunk(2)
-        distance = cell_distances(view1.boxes, view1.flips, view2.boxes, view2.flips, tuple(outputs.fmap.shape[-2:]))
-        if self.config.method == "pixpro":
-            y1, y2 = self.nets.propagation(projection).chunk(2)
-            return symmetric_pixpro_loss(y1, y2, t1, t2, distance < self.config.pixel_threshold)
-        q1, q2 = projection.chunk(2)
-        # The one place where the pixel branch crosses processes: every process's target pixels are
-        # negatives (the global batch). The positive pairs stay local, never applied to gathered keys.
-        return symmetric_pixel_contrast_loss(q1, q2, t1, t2, distance, PIXEL_CONTRAST_TEMPERATURE,
-                                             gather_with_grad(t1), gather_with_grad(t2), self.config.pixel_threshold)
-
-    def current_tau(self) -> float:
-        return cosine_momentum(self.global_step, self.total_steps(), self.config.tau_base)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimizer step, then the target's EMA update, as one step.
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """This step's learning rate, the optimizer step, then the target's EMA update, as one step.
 
         Updating the target here rather than in a later hook means every checkpoint (written from
         callbacks' ``on_train_batch_end``) holds online and target networks of the same step, so a
-        resumed run is exact. ``global_step`` is incremented only after this hook: the update that
-        follows optimizer step k (from 0) uses tau_k.
+        resumed run is exact. ``global_step`` is incremented only after this hook: optimizer step k
+        (from 0) uses the rate and tau of step k.
         """
+        for group in optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.global_step)
         tau = self.current_tau()
-        super().optimizer_step(*args, **kwargs)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         ema_update_(self.nets.target, self.nets.online, tau)
 
-    def configure_optimizers(self):
-        world = self.trainer.world_size if self.trainer else 1
-        lr = self.config.lr * self.config.batch_size * world / 256
-        # The target's parameters have requires_grad=False, so only the online side is optimised.
-        optimizer = build_optimizer(self.config.optimizer, self.nets, lr, self.config.weight_decay)
-        total = self.total_steps()
-        # An epoch's steps, from the datamodule (set up by now) rather than a dataloader built before a
-        # resumed run's step is restored.
-        per_epoch = self.trainer.datamodule.steps_per_epoch(world) if self.config.warmup_epochs is not None else 0
-        warmup = self.config.warmup_length(per_epoch, total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The optimizer over the online side (the target's parameters do not require gradients);
+        :meth:`optimizer_step` sets its rate before every step."""
+        c = self.config
+        return build_optimizer(c.optimizer, self.nets, self.peak_learning_rate(), c.weight_decay)
 
     # ---- kNN monitor ------------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

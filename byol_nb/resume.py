@@ -14,7 +14,7 @@ curves. It has no *exact mid-epoch* resume: its own SLURM handler (``SLURMEnviro
 auto_requeue=True)``) saves from inside the signal handler, in the middle of a step, to a file
 ``--resume`` does not read. So the signals are handled here, at step boundaries, and Lightning's
 handler is switched off (``auto_requeue=False`` in ``byol_nb.train``). Lightning's CSV logger
-starts a new file in each attempt of a run; :func:`byol_nb.viz.read_metrics` joins them.
+starts a new file in each attempt of a run (:mod:`byol_nb.run_logs`).
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-LOGS = "logs"
 
 
 class LastCheckpoint(pl.Callback):
@@ -112,15 +110,3 @@ def requeue_slurm_job() -> bool:
     if result.returncode != 0:
         rank_zero_warn(f"scontrol requeue {job} failed ({result.stderr.strip()}); resubmit it with --resume")
     return result.returncode == 0
-
-
-def attempt_logger(out: Path, resume_step: int | None) -> CSVLogger:
-    """Lightning's CSV logger for this attempt of the run in ``out``: OUT/logs/from_step_<k>/metrics.csv,
-    where ``k`` is the global step it starts from (0 for a fresh run, whose start removes the logs
-    of an earlier run in the same folder). A resumed attempt writes a file of its own, and the
-    earlier attempts' files stay as they are."""
-    if resume_step is None:
-        for old in (out / LOGS).glob("from_step_*/metrics.csv"):
-            old.unlink()
-        resume_step = 0
-    return CSVLogger(out, name=LOGS, version=f"from_step_{resume_step:08d}", flush_logs_every_n_steps=1)

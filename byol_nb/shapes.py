@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from byol_nb.paths import DATA
+
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring")
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "data" / "shapes"
+DEFAULT_ROOT = DATA / "shapes"
 _SUPERSAMPLE = 4  # draw large, then downsample: smooth edges without an anti-aliasing library
 # Size and position vary within what two views teach a network to ignore. The views' crops (a
 # quarter of the image to all of it with --data shapes) zoom the shape by at most 2x and shift it

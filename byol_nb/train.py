@@ -26,14 +26,27 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from byol_nb.callbacks import FailureInjection, MonitorInterval, ProgressBar, ThroughputMonitor
 from byol_nb.checkpoint import AtomicCheckpointIO, CheckpointError, DiskFullError, check_resume, save_backbone
-from byol_nb.config import TrainConfig, apply_data_defaults, build_parser, check_args, config_from_args
+from byol_nb.cli import apply_data_defaults, build_parser, check_args, config_from_args
+from byol_nb.config import TrainConfig
 from byol_nb.cpu_speed import speed_up_for_cpu
-from byol_nb.data import DataError, SSLDataModule
-from byol_nb.devices import (ForkAfterCudaError, build_strategy, check_devices, check_fork_safe, launched_by_lightning,
-                             resolve_precision, resolve_topology, stop_with_launcher, stop_workers, uses_gpu)
+from byol_nb.datamodule import SSLDataModule
+from byol_nb.devices import (
+    ForkAfterCudaError,
+    build_strategy,
+    check_devices,
+    check_fork_safe,
+    launched_by_lightning,
+    resolve_precision,
+    resolve_topology,
+    stop_with_launcher,
+    stop_workers,
+    uses_gpu,
+)
 from byol_nb.evaluate import evaluate_backbone
+from byol_nb.images import DataError
 from byol_nb.module import BYOLModule
-from byol_nb.resume import LastCheckpoint, attempt_logger, requeue_slurm_job
+from byol_nb.resume import LastCheckpoint, requeue_slurm_job
+from byol_nb.run_logs import attempt_logger
 
 
 class _NoAdvertisements(logging.Filter):
@@ -112,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdvertisements())
 
-    datamodule = SSLDataModule(args.data, args.val_data, args.image_size, args.batch_size, args.num_workers,
-                               seed=config.seed)
+    datamodule = SSLDataModule.from_config(config, args.data, args.val_data, args.num_workers)
     module = BYOLModule(config)
     if not uses_gpu(args.accelerator):
         speed_up_for_cpu(module.nets)
@@ -185,6 +197,9 @@ def _last_logged(trainer: pl.Trainer, key: str) -> float | None:
 
 
 def _plot_curves(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file, whatever backend the environment (a notebook's kernel) names
     from byol_nb.viz import plot_training_curves
 
     plot_training_curves(out).savefig(out / "curves.png", dpi=100, bbox_inches="tight")

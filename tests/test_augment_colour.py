@@ -6,12 +6,23 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from kornia.color import rgb_to_grayscale
-from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction,
-                            adjust_saturation_with_gray_subtraction, solarize)
+from kornia.enhance import (
+    adjust_brightness_accumulative,
+    adjust_contrast_with_mean_subtraction,
+    adjust_saturation_with_gray_subtraction,
+    solarize,
+)
 from kornia.filters import gaussian_blur2d
 
-from byol_nb.augment import (AugmentConfig, TwoViewAugment, ViewRecipe, colour_jitter, random_blur, random_grayscale,
-                             random_solarize)
+from byol_nb.augment import (
+    AugmentConfig,
+    TwoViewAugment,
+    ViewRecipe,
+    colour_jitter,
+    random_blur,
+    random_grayscale,
+    random_solarize,
+)
 
 
 @pytest.fixture

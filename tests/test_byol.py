@@ -12,16 +12,15 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import byol_nb.module
 from torch.utils.data import DataLoader, TensorDataset
 
+import byol_nb.module
 from byol_nb.augment import AugmentConfig, TwoViewAugment, resized_crop, sample_crop_boxes
+from byol_nb.config import TrainConfig
 from byol_nb.ema import cosine_momentum, ema_update_
 from byol_nb.losses import byol_loss, multi_crop_byol_loss, symmetric_byol_loss
-from byol_nb.models import Backbone, BYOLNetworks
-from byol_nb.config import TrainConfig
 from byol_nb.metrics import collapse_std
+from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.module import BYOLModule
 from byol_nb.optim import LARS, build_optimizer, warmup_cosine
 

@@ -20,8 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from byol_nb import checkpoint, evaluate, train
-from byol_nb.checkpoint import (AtomicCheckpointIO, CheckpointError, atomic_save, load_backbone, safe_load,
-                                save_backbone)
+from byol_nb.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_save, load_backbone, safe_load, save_backbone
 from byol_nb.models import Backbone
 from byol_nb.module import BYOLModule, TrainConfig
 

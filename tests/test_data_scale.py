@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from byol_nb import data, disk_cache
-from byol_nb.data import ImageFolder, TensorImages, loader_workers, resize_uint8
+from byol_nb import datamodule, datasets, disk_cache, images
+from byol_nb.datamodule import loader_workers
+from byol_nb.datasets import ImageFolder, TensorImages, resize_uint8
 
 
 def _write_images(folder, count: int, size: int = 20, seed: int = 0) -> None:
@@ -32,7 +33,7 @@ def cache_folder(tmp_path, monkeypatch):
 
 def test_chunked_resize_equals_resizing_all_at_once(monkeypatch):
     pixels = torch.randint(0, 256, (10, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(data, "RESIZE_CHUNK", 3)  # 4 chunks, the last one short
+    monkeypatch.setattr(datasets, "RESIZE_CHUNK", 3)  # 4 chunks, the last one short
     resized = resize_uint8(pixels, 16)
     whole = torch.nn.functional.interpolate(pixels.float(), size=(16, 16), mode="bilinear", antialias=True,
                                             align_corners=False).round().clamp(0, 255).to(torch.uint8)
@@ -80,7 +81,7 @@ def test_folder_is_decoded_once_and_again_when_it_changes(tmp_path, cache_folder
     def no_decoding(path, size):
         raise AssertionError("a cached folder must not be decoded again")
 
-    monkeypatch.setattr(data, "load_image", no_decoding)
+    monkeypatch.setattr(datasets, "load_image", no_decoding)
     second = ImageFolder(tmp_path / "images", 16, cache=True)  # read from the cache
     assert torch.equal(first.pixels, second.pixels) and second.files == first.files
     monkeypatch.undo()
@@ -107,7 +108,7 @@ def test_worker_processes_decode_a_large_folder_as_one_process_would(tmp_path, c
     (tmp_path / "a" / "004.png").write_bytes(b"\x89PNG broken")
     with pytest.warns(UserWarning, match="skipped 1"):
         serial = ImageFolder(tmp_path / "a", 16, cache=True)
-    monkeypatch.setattr(data, "PARALLEL_DECODE_FROM", 2)
+    monkeypatch.setattr(datasets, "PARALLEL_DECODE_FROM", 2)
     monkeypatch.setattr(disk_cache, "FORMAT", disk_cache.FORMAT + 1)  # another key: decoded again, in workers
     with pytest.warns(UserWarning, match="skipped 1"):
         parallel = ImageFolder(tmp_path / "a", 16, cache=True)
@@ -124,7 +125,7 @@ def test_worker_count_follows_the_data_and_the_processes(tmp_path, monkeypatch):
     assert loader_workers(streamed, processes_per_node=4) == 1
     assert loader_workers(streamed, processes_per_node=8) == 1  # never none for files to decode
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert loader_workers(streamed) == data.MAX_WORKERS
+    assert loader_workers(streamed) == datasets.MAX_WORKERS
 
 
 def test_workers_replace_a_file_that_breaks_after_the_check(tmp_path):
@@ -134,7 +135,7 @@ def test_workers_replace_a_file_that_breaks_after_the_check(tmp_path):
     loader = DataLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True)
     batches = [images for _ in range(2) for images, _ in loader]  # two epochs, the same workers
     assert len(batches) == 4 and all(b.shape == (4, 3, 16, 16) and b.dtype == torch.uint8 for b in batches)
-    next_readable = torch.from_numpy(data.load_image(tmp_path / "004.png", 16)).permute(2, 0, 1)
+    next_readable = torch.from_numpy(images.load_image(tmp_path / "004.png", 16)).permute(2, 0, 1)
     assert torch.equal(batches[0][3], next_readable) and torch.equal(batches[2][3], next_readable)
 
 
@@ -143,10 +144,10 @@ def test_device_batches_follow_the_sampler_like_a_dataloader(tiny_shapes, world,
     dataset = ImageFolder(tiny_shapes / "train", 16, cache=True)
     batches = {}
     for kind in ("loader", "device"):
-        sampler = data.ResumableSampler(dataset, num_replicas=world, rank=rank, seed=5)
+        sampler = datamodule.ResumableSampler(dataset, num_replicas=world, rank=rank, seed=5)
         sampler.start_at(*divmod(step * 4, len(sampler)))  # resumed part-way, as train_dataloader does
         loader = (DataLoader(dataset, batch_size=4, sampler=sampler, drop_last=True) if kind == "loader"
-                  else data.DeviceBatches(dataset, sampler, 4, torch.device("cpu")))
+                  else datamodule.DeviceBatches(dataset, sampler, 4, torch.device("cpu")))
         assert len(loader) == len(sampler) // 4
         batches[kind] = [list(loader) for epoch in range(2) if sampler.set_epoch(sampler.epoch + epoch) or True]
     for (a_images, a_labels), (b_images, b_labels) in zip(sum(batches["loader"], []), sum(batches["device"], [])):
@@ -157,11 +158,11 @@ def test_device_batches_follow_the_sampler_like_a_dataloader(tiny_shapes, world,
 def test_only_a_gpu_with_room_keeps_the_images(tmp_path, monkeypatch):
     _write_images(tmp_path, 4)
     dataset = ImageFolder(tmp_path, 16, cache=True)  # 4 x 3 x 16 x 16 = 3072 bytes
-    assert not data.keep_on_device(dataset, torch.device("cpu"))
-    assert not data.keep_on_device(ImageFolder(tmp_path, 16, cache=False), torch.device("cuda", 0))
+    assert not datamodule.keep_on_device(dataset, torch.device("cpu"))
+    assert not datamodule.keep_on_device(ImageFolder(tmp_path, 16, cache=False), torch.device("cuda", 0))
     for memory, expected in ((10 * 3072, True), (3072, False)):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=memory))
-        assert data.keep_on_device(dataset, torch.device("cuda", 0)) == expected
+        assert datamodule.keep_on_device(dataset, torch.device("cuda", 0)) == expected
 
 
 @pytest.mark.slow
@@ -173,16 +174,16 @@ def test_training_from_device_batches_matches_the_dataloader_and_resumes(tiny_sh
     flags = ["--data", str(tiny_shapes / "train"), "--image-size", "16", "--batch-size", "8", "--proj-hidden", "32",
              "--proj-dim", "16", "--accelerator", "cpu", "--no-progress", "--save-every-n-steps", "1"]
     assert train.main([*flags, "--out", str(tmp_path / "loader"), "--max-steps", "9"]) == 0
-    monkeypatch.setattr(data, "keep_on_device", lambda dataset, device: True)
+    monkeypatch.setattr(datamodule, "keep_on_device", lambda dataset, device: True)
     used = []
-    original = data.DeviceBatches
+    original = datamodule.DeviceBatches
 
     class CountedBatches(original):
         def __iter__(self):
             used.append(1)
             yield from original.__iter__(self)
 
-    monkeypatch.setattr(data, "DeviceBatches", CountedBatches)
+    monkeypatch.setattr(datamodule, "DeviceBatches", CountedBatches)
     monkeypatch.setenv("BYOL_NB_FAIL_AT_STEP", "7")  # a crash in the second epoch (6 steps each)
     with pytest.raises(RuntimeError, match="injected"):
         train.main([*flags, "--out", str(tmp_path / "device"), "--max-steps", "9"])

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import byol_nb
 from byol_nb.config import TrainConfig
-from byol_nb.data import SSLDataModule
+from byol_nb.datamodule import SSLDataModule
 from byol_nb.devices import check_fork_safe, resolve_topology
 from byol_nb.distributed import convert_sync_batchnorm, gather_with_grad, global_mean, rank, world_size
 from byol_nb.module import BYOLModule

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from byol_nb.evaluate import segmentation_predictions, supervised_top1
+from byol_nb.baselines import supervised_top1
+from byol_nb.evaluate import segmentation_predictions
 from byol_nb.metrics import first_per_class, linear_probe_by_labels, segmentation_scores
 from byol_nb.models import Backbone
 
@@ -45,7 +46,7 @@ def test_supervised_baseline_learns_what_the_labels_say():
 
 
 def test_predicted_masks_have_the_masks_shape_and_the_background_baseline_is_scored(tiny_shapes):
-    from byol_nb.data import ImageFolder
+    from byol_nb.datasets import ImageFolder
 
     train, test = ImageFolder(tiny_shapes / "train", 32), ImageFolder(tiny_shapes / "test", 32)
     torch.manual_seed(0)

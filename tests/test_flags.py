@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from byol_nb import config, devices, train
-from byol_nb.data import DataError, SSLDataModule
+from byol_nb import cli, config, devices, train
+from byol_nb.datamodule import SSLDataModule
+from byol_nb.images import DataError
 
 
 def _stop(tmp_path, *flags: str) -> str:
@@ -107,7 +108,7 @@ def test_batch_larger_than_each_process_share_of_the_data(tiny_shapes):
         datamodule.setup("fit")
 
 
-SHAPES, CIFAR, STL = (config.DATA_DEFAULTS[name] for name in ("shapes", "cifar10", "stl10"))
+SHAPES, CIFAR, STL = (cli.DATA_DEFAULTS[name] for name in ("shapes", "cifar10", "stl10"))
 PLAIN = config.TrainConfig()
 
 
@@ -117,7 +118,7 @@ PLAIN = config.TrainConfig()
                                 max_epochs=SHAPES["max_epochs"], lr=PLAIN.lr, small_stem=False)),
     (["--data", "some/photos"], dict(jitter=PLAIN.jitter, local_views=PLAIN.local_views, tau_base=PLAIN.tau_base,
                                      weight_decay=PLAIN.weight_decay, warmup_steps=PLAIN.warmup_steps,
-                                     warmup_epochs=None, max_epochs=config.DEFAULT_EPOCHS, image_size=32)),
+                                     warmup_epochs=None, max_epochs=cli.DEFAULT_EPOCHS, image_size=32)),
     (["--data", "shapes", "--warmup-steps", "7"], dict(warmup_steps=7, tau_base=SHAPES["tau_base"])),
     (["--data", "shapes", "--jitter", "0.1", "0.2", "0.3", "0.4"], dict(jitter=(0.1, 0.2, 0.3, 0.4))),
     (["--data", "shapes", "--local-views", "0", "--tau-base", "0.9", "--weight-decay", "0"],
@@ -136,21 +137,21 @@ PLAIN = config.TrainConfig()
      dict(image_size=64, small_stem=True, tau_base=STL["tau_base"])),
 ])
 def test_defaults_depend_on_the_data_and_a_given_flag_wins(flags, expected):
-    args = config.build_parser().parse_args(flags)
-    config.apply_data_defaults(args)
+    args = cli.build_parser().parse_args(flags)
+    cli.apply_data_defaults(args)
     for name, value in expected.items():
         assert getattr(args, name) == (tuple(value) if name == "jitter" else value), name
-    config.check_config(config.config_from_args(args))
-    assert isinstance(config.config_from_args(args).jitter, tuple)
+    config.check_config(cli.config_from_args(args))
+    assert isinstance(cli.config_from_args(args).jitter, tuple)
 
 
-@pytest.mark.parametrize("data", list(config.DATA_DEFAULTS))
+@pytest.mark.parametrize("data", list(cli.DATA_DEFAULTS))
 def test_a_preset_sets_only_flags_and_only_what_differs(data):
-    for name, value in config.DATA_DEFAULTS[data].items():
-        assert name in config.PRESET_FLAGS or name == "max_epochs", name
-        plain = config.DEFAULT_EPOCHS if name == "max_epochs" else getattr(PLAIN, name)
+    for name, value in cli.DATA_DEFAULTS[data].items():
+        assert name in cli.PRESET_FLAGS or name == "max_epochs", name
+        plain = cli.DEFAULT_EPOCHS if name == "max_epochs" else getattr(PLAIN, name)
         assert value != plain, f"--data {data} repeats the default of {name}"
-    assert f"--data {data}: " in " ".join(config.build_parser().format_help().split())
+    assert f"--data {data}: " in " ".join(cli.build_parser().format_help().split())
 
 
 @pytest.mark.parametrize("warmup, total, expected", [
@@ -165,10 +166,10 @@ def test_warmup_in_steps_or_epochs(warmup, total, expected):
 
 
 def test_a_named_set_that_refuses_pixel_methods_proposes_the_small_stem():
-    args = config.build_parser().parse_args(["--data", "stl10", "--method", "pixpro"])
-    config.apply_data_defaults(args)
+    args = cli.build_parser().parse_args(["--data", "stl10", "--method", "pixpro"])
+    cli.apply_data_defaults(args)
     with pytest.raises(ValueError, match="96 px images give 3x3 .*add --small-stem"):
-        config.check_config(config.config_from_args(args))
+        config.check_config(cli.config_from_args(args))
 
 
 @pytest.mark.parametrize("flags, expected", [

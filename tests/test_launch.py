@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import byol_nb
-from byol_nb import config
+from byol_nb import cli, config
 from byol_nb.launch import train_command
 
 # A value of every option, of every kind the parser has. Options whose value needs a companion
@@ -35,12 +35,17 @@ SAMPLES: dict[str, list[tuple[object, dict]]] = {
     "local_size": [(12, {"local_views": 1})],
     "instance_weight": [(0.0, {"method": "pixpro", "small_stem": True})],
     "pixel_threshold": [(0.5, {"method": "pixpro", "small_stem": True})],
+    "ppm_gamma": [(1.0, {"method": "pixpro", "small_stem": True})],
+    "pixel_temperature": [(0.2, {"method": "pixcontrast", "small_stem": True})],
+    "pixel_negative_distance": [(1.5, {"method": "pixcontrast", "small_stem": True})],
     "batch_size": [(16, {})],
     "max_epochs": [(3, {})],
     "max_steps": [(7, {})],
     "optimizer": [(name, {}) for name in config.OPTIMIZERS],
     "lr": [(0.5, {})],
     "weight_decay": [(1e-4, {})],
+    "lars_eta": [(0.02, {})],
+    "lars_clip": [(True, {}), (False, {})],
     "warmup_steps": [(5, {})],
     "warmup_epochs": [(0.5, {}), (2, {})],
     "tau_base": [(0.996, {})],
@@ -63,7 +68,7 @@ CASES = [(name, value, companions) for name, samples in SAMPLES.items() for valu
 
 
 def test_every_option_of_the_training_parser_has_a_sample():
-    assert set(config.build_parser().option_names()) == set(SAMPLES)
+    assert set(cli.build_parser().option_names()) == set(SAMPLES)
 
 
 @pytest.mark.parametrize("name, value, companions", CASES, ids=[f"{n}={v!r}" for n, v, _ in CASES])
@@ -72,15 +77,15 @@ def test_options_round_trip_through_the_training_parser(name, value, companions)
     that the parser of python -m byol_nb.train reads back as the same value."""
     options = {"val_data": None, **companions, name: value}
     # what launch() runs: python -m byol_nb.train --out OUT <flags>; `out` itself is launch's first argument
-    argv = config.command_line(**options) if name == "out" else train_command("runs/x", **options)[5:]
-    args = config.build_parser().check(argv)
+    argv = cli.command_line(**options) if name == "out" else train_command("runs/x", **options)[5:]
+    args = cli.build_parser().check(argv)
     expected = tuple(value) if isinstance(value, list) else value
     parsed = getattr(args, name)
     assert (str(parsed) if name == "devices" else parsed) == (str(expected) if name == "devices" else expected)
     if name != "val_data":
         assert "--val-data" not in argv  # None leaves an option out
     if value is False:
-        action = config.build_parser().option_names()[name]
+        action = cli.build_parser().option_names()[name]
         on_off = isinstance(action, argparse.BooleanOptionalAction)
         assert argv == ([f"--no-{name.replace('_', '-')}"] if on_off else [])
 
@@ -118,7 +123,7 @@ def test_the_command_is_the_training_module_with_the_output_folder_first():
 
 
 def test_check_raises_instead_of_exiting():
-    parser = config.build_parser()
+    parser = cli.build_parser()
     with pytest.raises(ValueError, match="unrecognized arguments: --no-resume"):
         parser.check(["--no-resume"])
     with pytest.raises(SystemExit):  # the command line itself still exits with argparse's message

@@ -4,11 +4,11 @@ a counted warning, never a traceback. Fuzzed with hypothesis; a folder of hostil
 from __future__ import annotations
 
 import io
-from contextlib import nullcontext
 import struct
 import subprocess
 import sys
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from byol_nb.data import DataError, ImageFolder, UnreadableImage, find_images, load_image
+from byol_nb.datasets import ImageFolder
+from byol_nb.images import DataError, UnreadableImage, find_images, load_image
 
 SIZE = 16
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

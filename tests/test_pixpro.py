@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from byol_nb import train
 from byol_nb.augment import AugmentConfig, TwoViewAugment, sample_crop_boxes
 from byol_nb.checkpoint import save_backbone
-from byol_nb.ema import ema_update_
 from byol_nb.config import TrainConfig
+from byol_nb.ema import ema_update_
 from byol_nb.evaluate import main as evaluate_main
 from byol_nb.losses import cell_distances, pixel_contrast_loss, pixpro_loss, positive_pixel_mask, symmetric_pixpro_loss
 from byol_nb.metrics import segmentation_probe_miou
@@ -112,11 +112,11 @@ def test_training_step_builds_the_mask_from_that_steps_views(monkeypatch):
         seen.append(args[:4])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("byol_nb.module.cell_distances", spy)
+    monkeypatch.setattr("byol_nb.models.cell_distances", spy)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     for seed in (1, 2):
         view1, view2 = module.augment(images, seed=seed)
-        module.pixel_loss(module.nets(torch.cat([view1.images, view2.images])), view1, view2)
+        module.nets.pixel_loss(module.nets(torch.cat([view1.images, view2.images])), view1, view2, module.config)
         for got, want in zip(seen[-1], (view1.boxes, view1.flips, view2.boxes, view2.flips)):
             assert torch.equal(got, want)
     assert not torch.equal(seen[0][0], seen[1][0])
@@ -223,7 +223,7 @@ def test_gradients_reach_only_the_online_network(method):
     module = BYOLModule(TrainConfig(method=method, small_stem=True, image_size=32, proj_hidden=16, proj_dim=8))
     views = module.augment(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), seed=0)
     outputs = module.nets(torch.cat([v.images for v in views]))
-    loss = module.pixel_loss(outputs, *views) + module.nets.instance_loss(outputs)
+    loss, _ = module.nets.loss(outputs, *views, module.config)
     loss.backward()
     for name, p in module.nets.target.named_parameters():
         assert p.grad is None and not p.requires_grad, name

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import byol_nb
-from byol_nb import config, devices, train
+from byol_nb import cli, devices, train
 from byol_nb.config import TrainConfig
 from byol_nb.devices import ForkAfterCudaError, check_fork_safe, forks
 from byol_nb.launch import LaunchError
@@ -37,8 +37,8 @@ METHODS = {
 
 
 def config_of(flags: list[str]) -> TrainConfig:
-    args = config.build_parser().check(["--data", "some/photos", *flags])
-    return dataclasses.replace(config.config_from_args(args), proj_hidden=32, proj_dim=16)
+    args = cli.build_parser().check(["--data", "some/photos", *flags])
+    return dataclasses.replace(cli.config_from_args(args), proj_hidden=32, proj_dim=16)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -50,9 +50,7 @@ def test_every_parameter_that_requires_grad_gets_a_gradient(method):
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     view1, view2 = module.augment(images, seed=0)
     outputs = module.nets(torch.cat([view1.images, view2.images]))
-    loss = module.nets.instance_loss(outputs, module.local_projections(images)) if not module.config.pixel else (
-        module.pixel_loss(outputs, view1, view2)
-        + module.config.instance_weight * module.nets.instance_loss(outputs))
+    loss, _ = module.nets.loss(outputs, view1, view2, module.config, module.local_projections(images))
     loss.backward()
     missing = [name for name, p in module.nets.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 
 from byol_nb import module as module_lib
 from byol_nb import train
-from byol_nb.data import ResumableSampler, SSLDataModule
+from byol_nb.datamodule import ResumableSampler, SSLDataModule
 from byol_nb.ema import cosine_momentum
-from byol_nb.viz import read_metrics
+from byol_nb.run_logs import read_metrics
 
 MAX_STEPS = 12  # 48 images / batch 8 = 6 steps per epoch: the run crosses an epoch boundary
 # with a local (multi-crop) view: its random draws must replay on resume too

@@ -8,12 +8,16 @@ import subprocess
 import sys
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 import byol_nb
 from byol_nb import train
+from byol_nb.config import TrainConfig
 from byol_nb.metrics import knn_top1, linear_probe_top1
-from byol_nb.viz import metrics_files
+from byol_nb.module import BYOLModule
+from byol_nb.run_logs import metrics_files
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--proj-hidden", "64", "--no-progress"]
 
@@ -93,7 +97,7 @@ def test_unknown_path_stops_with_a_message(tmp_path, capsys):
 def test_training_crops_come_from_twice_the_view_size(tiny_shapes):
     """Views are cut from images decoded at 2x the view size (sharp crops); the kNN monitor's
     images, which are not cropped, stay at the view size."""
-    from byol_nb.data import SSLDataModule
+    from byol_nb.datamodule import SSLDataModule
 
     datamodule = SSLDataModule(str(tiny_shapes / "train"), str(tiny_shapes / "test"), 16, batch_size=8)
     datamodule.setup()
@@ -116,3 +120,22 @@ def test_knn_monitor_runs_every_n_epochs(tiny_shapes, tmp_path, flags, monitored
         epochs = sorted({int(row["epoch"]) for row in csv.DictReader(f) if row.get("knn_top1")})
     assert epochs == monitored_epochs
     assert (tmp_path / "best.ckpt").is_file()
+
+
+def test_the_module_trains_by_epochs_on_a_plain_dataloader():
+    """BYOLModule needs no DataModule: the run's length, warmup (here in epochs) and schedules come
+    from its configuration and the loader the trainer was given."""
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(images, torch.zeros(32, dtype=torch.long)), batch_size=8, shuffle=True,
+                        drop_last=True)
+    config = TrainConfig(image_size=16, batch_size=8, proj_hidden=32, proj_dim=16, warmup_epochs=1.0)
+    module = BYOLModule(config)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    assert trainer.global_step == 12 and module.steps_per_epoch() == 4 and module.total_steps() == 12
+    # the warmup of one epoch (4 steps) is capped at a tenth of the run: 1 step; the cosine ends at 0
+    peak = module.peak_learning_rate()
+    assert module.learning_rate(0) == pytest.approx(peak) and module.learning_rate(12) == pytest.approx(0)
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(module.learning_rate(11)) and 0 < lr < peak

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from byol_nb import viz
+from byol_nb import diagrams, viz
 from byol_nb.augment import AugmentConfig, TwoViewAugment
 
 
@@ -141,7 +141,7 @@ def _arrows(fig) -> list:
 
 
 def test_diagram_byol_names_both_networks_the_stop_gradient_and_the_ema():
-    fig = viz.diagram_byol()
+    fig = diagrams.diagram_byol()
     text = _texts(fig)
     for part in ("backbone", "projector", "predictor", "stop-gradient", "EMA", "ξ ← τξ + (1−τ)θ",
                  "symmetrised", r"\mathrm{sg}(z')"):
@@ -157,7 +157,7 @@ def test_diagram_byol_names_both_networks_the_stop_gradient_and_the_ema():
 
 
 def test_diagram_pixpro_draws_the_pipeline_and_the_positive_pair_rule():
-    fig = viz.diagram_pixpro()
+    fig = diagrams.diagram_pixpro()
     text = _texts(fig)
     for part in ("PPM", "Pixel Propagation Module", "0.7 cell diagonals", "positive pairs", "crop boxes",
                  "stop-gradient", "EMA", "pixel projector", r"-\cos(y_i, x'_j)"):
@@ -171,7 +171,7 @@ def test_diagram_pixpro_draws_the_pipeline_and_the_positive_pair_rule():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_diagram_ddp_one_column_per_rank_and_both_collectives(world):
-    fig = viz.diagram_ddp(world=world)
+    fig = diagrams.diagram_ddp(world=world)
     text = _texts(fig)
     for part in ("all-gather", "all-reduce (sum)", "all-reduce (average)", "optimizer.step()", "forward",
                  "backward", "its own slice"):

@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from byol_nb import data
+from byol_nb import datamodule
 from byol_nb.augment import AugmentConfig, TwoViewAugment, ViewRecipe, denormalize, sample_crop_boxes
-from byol_nb.data import ImageFolder, load_image, load_photo
+from byol_nb.datasets import ImageFolder
+from byol_nb.images import load_image, load_photo
 
 LANDSCAPE = (0.0, 0.125, 1.0, 0.875)  # a 4:3 photo letterboxed in its square
 
@@ -105,7 +106,7 @@ def test_cached_and_streamed_folders_give_the_same_whole_photos(tmp_path):
 def test_training_cuts_crops_from_whole_photos_and_the_monitor_sees_centre_squares(tmp_path):
     _write_photos(tmp_path / "train", [(40, 30)] * 8)
     _write_photos(tmp_path / "test", [(40, 30)] * 4, seed=1)
-    module = data.SSLDataModule(str(tmp_path / "train"), str(tmp_path / "test"), 8, batch_size=4)
+    module = datamodule.SSLDataModule(str(tmp_path / "train"), str(tmp_path / "test"), 8, batch_size=4)
     module.prepare_data()
     module.setup()
     images, labels, content = next(iter(module.train_dataloader()))
@@ -119,7 +120,7 @@ def test_device_batches_carry_the_photos_boxes_like_a_dataloader(tmp_path):
     dataset = ImageFolder(tmp_path, 16, cache=True, whole_photos=True)
     batches = []
     for make in (lambda s: DataLoader(dataset, batch_size=2, sampler=s, drop_last=True),
-                 lambda s: data.DeviceBatches(dataset, s, 2, torch.device("cpu"))):
-        batches.append(list(make(data.ResumableSampler(dataset, seed=3))))
+                 lambda s: datamodule.DeviceBatches(dataset, s, 2, torch.device("cpu"))):
+        batches.append(list(make(datamodule.ResumableSampler(dataset, seed=3))))
     for a, b in zip(*batches):
         assert len(a) == len(b) == 3 and all(torch.equal(x, y) for x, y in zip(a, b))

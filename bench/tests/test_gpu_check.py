@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHECKS = {"throughput", "host syncs", "peak memory", "2-device methods", "LARS on device", "ddp_notebook"}
 
 
