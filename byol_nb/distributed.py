@@ -16,13 +16,17 @@ of the global batch and DDP *averages* the parameter gradients over processes. T
   :func:`global_mean`.
 * **BatchNorm normalises with per-process statistics** unless it is synchronised:
   :func:`convert_sync_batchnorm` (on by default with more than one process, ``--no-sync-bn`` to
-  turn it off). PyTorch's SyncBatchNorm refuses CPU tensors; :class:`CPUSyncBatchNorm` is the CPU
-  (gloo) version, so CPU runs and tests are exact too.
+  turn it off). On GPUs it is :class:`SyncBatchNorm`, PyTorch's fused kernels without the one
+  host synchronisation per layer that PyTorch's own version makes. PyTorch's SyncBatchNorm refuses
+  CPU tensors; :class:`CPUSyncBatchNorm` is the CPU (gloo) version, so CPU runs and tests are exact too.
 
 How the processes are started, and the checks around it, are in :mod:`byol_nb.devices`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -130,18 +134,144 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return layer.train(bn.training)
 
 
+@dataclass(frozen=True)
+class FusedKernels:
+    """The five fused BatchNorm kernels :class:`SyncBatchNorm` calls, named as in ``torch``.
+
+    They exist only for CUDA tensors. Tests replace the module-level :data:`kernels` with
+    implementations in plain torch ops that follow the CUDA kernels' semantics, so the autograd
+    function around them, and its collectives, run on CPU processes joined by gloo.
+    """
+
+    batch_norm_stats: Callable = torch.batch_norm_stats
+    batch_norm_gather_stats_with_counts: Callable = torch.batch_norm_gather_stats_with_counts
+    batch_norm_elemt: Callable = torch.batch_norm_elemt
+    batch_norm_backward_reduce: Callable = torch.batch_norm_backward_reduce
+    batch_norm_backward_elemt: Callable = torch.batch_norm_backward_elemt
+
+
+kernels = FusedKernels()
+
+
+def _keep_channels_last(x: Tensor) -> Tensor:
+    """``x`` unchanged if it is channels-last (2D or 3D), else contiguous: the layouts the kernels take."""
+    if x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
+def _all_gather_rows(row: Tensor, group: dist.ProcessGroup, processes: int) -> Tensor:
+    """``row`` of every process stacked as a ``(processes, len(row))`` tensor (gloo lacks the one-tensor gather)."""
+    if dist.get_backend(group) == "gloo":
+        rows = [torch.empty_like(row) for _ in range(processes)]
+        dist.all_gather(rows, row, group)
+        return torch.stack(rows)
+    rows = row.new_empty(processes * row.numel())
+    dist.all_gather_into_tensor(rows, row, group)
+    return rows.view(processes, -1)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """PyTorch's ``torch.nn.modules._functions.SyncBatchNorm`` without its filter of empty batches."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                running_var: Tensor | None, eps: float, momentum: float, group: dist.ProcessGroup,
+                processes: int) -> Tensor:
+        x = _keep_channels_last(x)
+        weight = weight.contiguous() if weight is not None else None
+        if x.numel() == 0:  # a shape, known on the host: checking it reads nothing from the device
+            raise ValueError("SyncBatchNorm got an empty batch; every process needs an equal, non-empty batch "
+                             "(a sampler with drop_last)")
+        channels = x.shape[1]
+        mean, invstd = kernels.batch_norm_stats(x, eps)  # fp32 for bf16 and fp32 inputs
+        count = mean.new_full((1,), x.numel() // channels)  # from the shape: no host-to-device copy
+        means, invstds, counts = _all_gather_rows(torch.cat([mean, invstd, count]), group, processes).split(
+            channels, dim=1)
+        counts = counts.view(-1)
+        mean, invstd = kernels.batch_norm_gather_stats_with_counts(
+            x, means, invstds, running_mean, running_var, momentum, eps,
+            counts.to(running_mean.dtype) if running_mean is not None else counts)
+        ctx.save_for_backward(x, weight, mean, invstd, counts.to(torch.int32))
+        ctx.group = group
+        return kernels.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple:  # type: ignore[override]
+        grad_output = _keep_channels_last(grad_output)
+        x, weight, mean, invstd, counts = ctx.saved_tensors
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = kernels.batch_norm_backward_reduce(
+            grad_output, x, mean, invstd, weight, needs_input, needs_weight, needs_bias)
+        grad_input = None
+        if needs_input:
+            # Every process's loss depends on this process's inputs through the shared statistics:
+            # the sums over the global batch carry those terms. The weight and bias gradients are
+            # local sums, which DDP's all-reduce combines.
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(sums, dist.ReduceOp.SUM, ctx.group)
+            sum_dy, sum_dy_xmu = sums.split(len(mean))
+            weight = weight.to(mean.dtype) if weight is not None else None
+            grad_input = kernels.batch_norm_backward_elemt(grad_output, x, mean, invstd, weight, sum_dy,
+                                                           sum_dy_xmu, counts)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None  # None where not asked for
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """PyTorch's SyncBatchNorm for GPUs without a GPU-to-host synchronisation in every layer.
+
+    PyTorch's version drops the statistics of processes with an empty batch through boolean
+    indexing (``count_all[mask]``), whose result size depends on device values: the host waits
+    for the GPU in every BatchNorm layer of every step, so it cannot queue work ahead. This
+    version keeps PyTorch's fused kernels and collectives and leaves that filter out.
+
+    Assumption: every process has an equal, non-empty batch, as DDP's sampler with ``drop_last``
+    gives. A process with an empty batch would send a count of zero, which the kernel combining
+    the statistics divides by (NaN statistics in every process). Such a process raises instead:
+    its shape says so without reading the device; the other processes then wait in the gather
+    until it times out or the launcher ends the job. ``momentum=None`` (a cumulative average) reads the step count
+    on the host, as in PyTorch. Eval mode, a single process or no process group: plain BatchNorm.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        synchronised = self.training and dist.is_available() and dist.is_initialized()
+        group = (self.process_group or dist.group.WORLD) if synchronised else None
+        if not (synchronised and dist.get_world_size(group) > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        self._check_non_zero_input_channels(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        running_mean, running_var = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        return _SyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var, self.eps, momentum,
+                                            group, dist.get_world_size(group))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "SyncBatchNorm":
+        """The same layer (shared parameters and buffers, same momentum and mode), synchronised."""
+        layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        if bn.affine:
+            layer.weight, layer.bias = bn.weight, bn.bias
+        if bn.track_running_stats:
+            layer.running_mean, layer.running_var = bn.running_mean, bn.running_var
+            layer.num_batches_tracked = bn.num_batches_tracked
+        return layer.train(bn.training)
+
+
 def convert_sync_batchnorm(module: nn.Module, cpu: bool = True) -> nn.Module:
     """Replace every BatchNorm layer of ``module`` by a synchronised one that keeps its parameters,
     buffers and momentum (the target network's momentum 0 included): :class:`CPUSyncBatchNorm` for
-    CPU training, PyTorch's fused ``nn.SyncBatchNorm`` otherwise. Children are replaced in place;
-    the return value matters only when ``module`` itself is a BatchNorm layer.
+    CPU training, :class:`SyncBatchNorm` (fused CUDA kernels) otherwise. Children are replaced in
+    place; the return value matters only when ``module`` itself is a BatchNorm layer.
 
     Call it before the optimizer and the DDP wrapper exist (BYOLModule does, in ``setup``).
     """
-    if not cpu:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
-        return CPUSyncBatchNorm.from_batchnorm(module)
+    layer = CPUSyncBatchNorm if cpu else SyncBatchNorm
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, layer):
+        return layer.from_batchnorm(module)
     for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child))
+        module.add_module(name, convert_sync_batchnorm(child, cpu))
     return module
