@@ -59,6 +59,13 @@ class LARS(torch.optim.Optimizer):
                         trust_coefficient=trust_coefficient, clip=clip, lars=True)
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict) -> None:
+        """Loading a state dict replaces the groups with the saved ones: a checkpoint from before
+        ``clip`` existed gets the paper's LARS."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("clip", False)
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None

@@ -133,6 +133,45 @@ def test_lars_resumed_from_its_state_dict_continues_the_same_trajectory():
         torch.testing.assert_close(c.detach(), p.detach(), rtol=0, atol=0)
 
 
+def test_lars_loads_a_state_dict_saved_before_clip_existed():
+    """A checkpoint's optimizer groups replace the new ones when loaded: the options they lack take
+    their defaults, so an older run resumes with the paper's LARS."""
+    weights, biases = lars_parameters()
+    opt = LARS([dict(params=weights), dict(params=biases, lars=False)], lr=0.1, trust_coefficient=ETA, clip=True)
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["clip"]
+    opt.load_state_dict(old)
+    assert not any(group["clip"] for group in opt.param_groups)
+    for p in weights + biases:
+        p.grad = torch.ones_like(p)
+    opt.step()
+
+
+def test_lars_keeps_to_the_formula_with_a_momentum_buffer_restored_in_another_layout():
+    """A channels_last weight whose momentum buffer comes back contiguous (as a checkpoint written
+    elsewhere may give it) still gets the float64 formula, and stays channels_last."""
+    weights, biases = lars_parameters()
+    opt = LARS([dict(params=weights), dict(params=biases, lars=False)], lr=0.1, momentum=MOMENTUM, weight_decay=WD,
+               trust_coefficient=ETA)
+    reference = [p.detach().clone() for p in weights + biases]
+    buffers = [torch.zeros_like(p) for p in reference]
+    generator = torch.Generator().manual_seed(3)
+    for step in range(3):
+        grads = [torch.randn(p.shape, dtype=torch.float64, generator=generator) for p in reference]
+        for p, g in zip(weights + biases, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (w, b, g) in enumerate(zip(reference, buffers, grads)):
+            reference_lars(w, b, g, 0.1, WD, lars=i < len(weights), clip=False)
+        if step == 0:
+            state = opt.state[weights[0]]
+            state["momentum_buffer"] = state["momentum_buffer"].contiguous()
+    for p, w in zip(weights + biases, reference):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)
+    assert weights[0].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_lars_step_reads_no_value_on_the_host(monkeypatch):
     """Each read of a device value is a GPU synchronisation: the step makes none, clip included."""
     reads = []
