@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
@@ -25,14 +26,25 @@ def cosine_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
 def ema_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
     """Move ``target`` towards ``online`` in place: ``target <- tau target + (1 - tau) online`` for
     every parameter and floating-point buffer (BatchNorm's running mean and variance); integer
-    buffers (BatchNorm's batch counter) are copied. Both must have the same architecture."""
+    buffers (BatchNorm's batch counter) are copied. Both must have the same architecture.
+
+    The floating-point tensors move together through PyTorch's own EMA of many tensors
+    (:func:`torch.optim.swa_utils.get_ema_multi_avg_fn`, a multi-tensor ``lerp``): a few kernel
+    launches for the whole network rather than one per tensor, with the same formula. PyTorch has
+    no public multi-tensor copy, so the integer counters are still copied one by one.
+
+    >>> online, target = nn.Linear(3, 2), nn.Linear(3, 2)
+    >>> gap = online.weight - target.weight
+    >>> ema_update_(target, online, tau=0.9)
+    >>> torch.allclose(online.weight - target.weight, 0.9 * gap)  # it closed (1 - tau) of the gap
+    True
+    """
     target_params, online_params = list(target.parameters()), list(online.parameters())
     if len(target_params) != len(online_params):
         raise ValueError("target and online networks have different parameter lists")
-    for t, o in zip(target_params, online_params):
-        t.lerp_(o, 1 - tau)
-    for t, o in zip(target.buffers(), online.buffers()):
-        if t.is_floating_point():
-            t.lerp_(o, 1 - tau)
-        else:
+    pairs = [*zip(target_params, online_params), *zip(target.buffers(), online.buffers())]
+    floats = [(t, o) for t, o in pairs if t.is_floating_point()]
+    get_ema_multi_avg_fn(tau)([t for t, _ in floats], [o for _, o in floats], None)
+    for t, o in pairs:
+        if not t.is_floating_point():
             t.copy_(o)
