@@ -234,6 +234,13 @@ class TwoViewAugment(nn.Module):
 
     ``seed`` makes a call reproducible without touching the global random state, which is how
     training stays exactly resumable: the module passes a seed derived from the global step.
+
+    >>> images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    >>> view1, view2 = TwoViewAugment(AugmentConfig(image_size=24))(images, seed=0)
+    >>> view1.images.shape, view1.boxes.shape, view2.flips.dtype  # views, crop boxes, flips per sample
+    (torch.Size([4, 3, 24, 24]), torch.Size([4, 4]), torch.bool)
+    >>> torch.equal(TwoViewAugment(AugmentConfig(image_size=24))(images, seed=0)[0].images, view1.images)
+    True
     """
 
     def __init__(self, config: AugmentConfig) -> None:

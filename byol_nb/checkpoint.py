@@ -202,6 +202,13 @@ def load_backbone(path: str | Path, dense: bool = False, map_location: str = "cp
     It maps a *normalised* image batch (see :func:`byol_nb.augment.normalize`) to pooled features
     (B, dim): the ResNet's layers, global average pooling and a flatten. With ``dense=True`` it stops
     before the pooling and returns the last feature map (B, dim, H, W).
+
+    >>> import tempfile
+    >>> path = save_backbone(Backbone("resnet18", small_stem=True), Path(tempfile.mkdtemp()) / "backbone.pt")
+    >>> load_backbone(path)(torch.randn(2, 3, 32, 32)).shape  # pooled features
+    torch.Size([2, 512])
+    >>> load_backbone(path, dense=True)(torch.randn(2, 3, 32, 32)).shape  # feature maps, stride 8
+    torch.Size([2, 512, 4, 4])
     """
     payload = read_backbone_file(path, map_location)
     name, small_stem = payload.get("backbone"), bool(payload.get("small_stem"))

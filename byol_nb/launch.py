@@ -49,6 +49,12 @@ def launch(out: str | Path = "runs/byol", *, stream: TextIO | None = None, show_
     and all of it to ``OUT/launch.log``. Interrupting the kernel stops the whole run (every training
     process) before re-raising, and so does a run that fails. Raises :class:`LaunchError`, naming
     the first error and the log, when the run fails or leaves no new metrics file.
+
+    >>> train_command("runs/demo", max_steps=3, sync_bn=False)[3:]  # the options as the script's flags
+    ['--out', 'runs/demo', '--max-steps', '3', '--no-sync-bn']
+    >>> launch("runs/demo", max_stepz=3)  # checked before anything starts
+    Traceback (most recent call last):
+    ValueError: unknown training option(s) 'max_stepz' (did you mean 'max_steps'?); the options are: ...
     """
     command = train_command(out, **options)
     Path(out).mkdir(parents=True, exist_ok=True)

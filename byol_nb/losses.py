@@ -32,6 +32,12 @@ def symmetric_byol_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tenso
     and silently changes the effective learning rate). Per-sample, so it needs no cross-device
     gather: DDP's gradient averaging gives the global-batch mean (exactly so when BatchNorm, which
     couples the samples of a batch, is synchronised too).
+
+    >>> z = torch.randn(8, 256)
+    >>> round(float(symmetric_byol_loss(z, z, z, z)), 4)  # each prediction on its target: 2 - 2 cos = 0
+    0.0
+    >>> round(float(symmetric_byol_loss(z, z, -z, -z)), 4)  # opposite: 4 in each direction, summed
+    8.0
     """
     return (byol_loss(p1, z2) + byol_loss(p2, z1)).mean()
 
@@ -103,6 +109,15 @@ def positive_pixel_mask(boxes1: Tensor, flips1: Tensor, boxes2: Tensor, flips2: 
     paper) in the original image (:func:`cell_distances`).
 
     The mask is per sample: it must come from *this* step's boxes, never be shared across a batch.
+
+    >>> whole, plain, mirrored = torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([False]), torch.tensor([True])
+    >>> same = positive_pixel_mask(whole, plain, whole, plain, size=(4, 4))
+    >>> torch.equal(same[0], torch.eye(16, dtype=torch.bool))  # one view twice: each cell pairs with itself
+    True
+    >>> positive_pixel_mask(whole, plain, whole, mirrored, size=(4, 4))[0, 0].nonzero().flatten().tolist()
+    [3]
+
+    The top-left cell (0) of a view is the top-right cell (3) of its mirror image.
     """
     return cell_distances(boxes1, flips1, boxes2, flips2, size) < threshold
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from byol_nb.augment import View
 from byol_nb.config import BACKBONES, PIXEL_METHODS, TrainConfig, backbone_stride
-from byol_nb.distributed import gather_with_grad
+from byol_nb.distributed import gather
 from byol_nb.losses import cell_distances, multi_crop_byol_loss, symmetric_pixel_contrast_loss, symmetric_pixpro_loss
 
 
@@ -211,7 +211,7 @@ class BYOLNetworks(nn.Module):
         # The one place where the pixel branch crosses processes: every process's target pixels are
         # negatives (the global batch); no gradient flows into them. The positive pairs stay local.
         return symmetric_pixel_contrast_loss(q1, q2, t1, t2, distance, config.pixel_temperature,
-                                             gather_with_grad(t1), gather_with_grad(t2),
+                                             gather(t1), gather(t2),
                                              config.pixel_threshold, config.pixel_negative_distance)
 
     def loss(self, outputs: Outputs, view1: View, view2: View, config: TrainConfig,

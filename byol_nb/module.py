@@ -29,7 +29,7 @@ from torch import Tensor
 from byol_nb.augment import AugmentConfig, TwoViewAugment, normalize
 from byol_nb.config import TrainConfig, check_config
 from byol_nb.devices import check_worker_can_use_cuda
-from byol_nb.distributed import convert_sync_batchnorm, gather_with_grad
+from byol_nb.distributed import convert_sync_batchnorm, gather
 from byol_nb.ema import cosine_momentum, ema_update_
 from byol_nb.metrics import collapse_std, knn_top1
 from byol_nb.models import Backbone, BYOLNetworks
@@ -130,7 +130,7 @@ class BYOLModule(pl.LightningModule):
         if self.logs_this_step():
             self.check_finite_loss()
             self.progress_values["loss"] = round(loss.item(), 4)
-            self.log("train/collapse_std", collapse_std(gather_with_grad(outputs.projection.detach())))
+            self.log("train/collapse_std", collapse_std(gather(outputs.projection.detach())))
             self.log("train/tau", self.current_tau())
             self.log("train/lr", self.learning_rate(self.global_step))
         return loss
@@ -185,7 +185,8 @@ class BYOLModule(pl.LightningModule):
         """The optimizer over the online side (the target's parameters do not require gradients);
         :meth:`optimizer_step` sets its rate before every step."""
         c = self.config
-        return build_optimizer(c.optimizer, self.nets, self.peak_learning_rate(), c.weight_decay)
+        return build_optimizer(c.optimizer, self.nets, self.peak_learning_rate(), c.weight_decay,
+                               trust_coefficient=c.lars_eta, clip=c.lars_clip)
 
     # ---- kNN monitor ------------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
