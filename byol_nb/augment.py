@@ -19,6 +19,7 @@ or with the flip ``(x1 - u (x1 - x0), ...)``.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from contextlib import contextmanager
@@ -33,7 +34,6 @@ from kornia.enhance import (
     adjust_contrast_with_mean_subtraction,
     adjust_hue,
     adjust_saturation_with_gray_subtraction,
-    solarize,
 )
 from kornia.filters import filter2d_separable, get_gaussian_kernel1d
 from torch import Tensor, nn
@@ -120,8 +120,8 @@ def sample_crop_boxes(batch: int, scale: tuple[float, float], ratio: tuple[float
     inside the photo, as torchvision's sampler run on the original photo would have it. Without it,
     every image fills its square.
     """
-    if content is None:
-        content = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).expand(batch, 4)
+    if content is None:  # the whole square; filled on the device (a tensor of host values would be a copy there)
+        content = torch.cat([torch.zeros(batch, 2, device=device), torch.ones(batch, 2, device=device)], dim=1)
     left, top, right, bottom = content.unbind(1)
     photo_w, photo_h = right - left, bottom - top
     area = torch.empty(batch, tries, device=device).uniform_(*scale) * (photo_w * photo_h)[:, None]
@@ -224,9 +224,13 @@ def random_blur(images: Tensor, kernel: int, sigma: tuple[float, float], p: floa
 
 
 def random_solarize(images: Tensor, p: float) -> Tensor:
-    """Invert the pixels at or above 0.5 (``x -> 1 - x``) with probability ``p``, per sample."""
+    """Invert the pixels at or above 0.5 (``x -> 1 - x``) with probability ``p``, per sample.
+
+    kornia's ``solarize`` computes the same ``where``, but first copies its threshold to the device
+    from the host, which makes the host wait for the GPU in every view.
+    """
     chosen = _chosen(images.shape[0], p, images.device)
-    return _per_sample(chosen, solarize(images, 0.5), images)
+    return _per_sample(chosen, torch.where(images < 0.5, images, 1 - images), images)
 
 
 class TwoViewAugment(nn.Module):
@@ -246,9 +250,9 @@ class TwoViewAugment(nn.Module):
     def __init__(self, config: AugmentConfig) -> None:
         super().__init__()
         self.config = config
-        mean, std = _imagenet_stats("cpu")  # buffers: they move with the module, no copy per step
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
+        mean, std = _imagenet_stats(torch.device("cpu"))  # buffers: they move with the module
+        self.register_buffer("mean", mean.clone(), persistent=False)
+        self.register_buffer("std", std.clone(), persistent=False)
 
     def recolour(self, images: Tensor, recipe: ViewRecipe, jitter_order: Sequence[int] | None = None) -> Tensor:
         """The colour steps of one view, in BYOL's order: jitter, grayscale, blur, solarize."""
@@ -256,8 +260,13 @@ class TwoViewAugment(nn.Module):
         size = images.shape[-1]
         images = colour_jitter(images, c.jitter, c.jitter_p, jitter_order)
         images = random_grayscale(images, c.grayscale_p)
-        images = random_blur(images, blur_kernel(size), blur_sigma(size), recipe.blur_p)
-        return random_solarize(images, recipe.solarize_p)
+        # A step of probability 0 is left out, not computed and discarded (view 1 is never solarized;
+        # solo-learn's CIFAR recipe never blurs). The random numbers it would have drawn are not drawn.
+        if recipe.blur_p > 0:
+            images = random_blur(images, blur_kernel(size), blur_sigma(size), recipe.blur_p)
+        if recipe.solarize_p > 0:
+            images = random_solarize(images, recipe.solarize_p)
+        return images
 
     def view(self, images: Tensor, index: int, local: bool = False, jitter_order: Sequence[int] | None = None,
              content: Tensor | None = None) -> View:
@@ -319,8 +328,10 @@ def _jitter_orders(seed: int | None) -> Iterator[list[int] | None]:
         yield None if rng is None else rng.sample(range(4), 4)
 
 
-def _imagenet_stats(device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """ImageNet's channel mean and std, shaped (1, 3, 1, 1) to broadcast over a batch."""
+@functools.lru_cache(maxsize=None)
+def _imagenet_stats(device: torch.device) -> tuple[Tensor, Tensor]:
+    """ImageNet's channel mean and std, shaped (1, 3, 1, 1) to broadcast over a batch; made once
+    per device (each is a copy from the host, which a GPU would wait for on every batch)."""
     return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
             torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 

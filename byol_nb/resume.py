@@ -59,6 +59,7 @@ class LastCheckpoint(pl.Callback):
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+            _skip_lightnings_sigterm_broadcast(trainer)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._received = int(signum)  # acted on at the end of the current step
@@ -90,6 +91,17 @@ class LastCheckpoint(pl.Callback):
         if trainer.global_step != self._saved_step:
             trainer.save_checkpoint(self.path, weights_only=False)  # every rank calls it; rank 0 writes
             self._saved_step = trainer.global_step
+
+
+def _skip_lightnings_sigterm_broadcast(trainer: pl.Trainer) -> None:
+    """Under DDP, Lightning 2.6 broadcasts its own SIGTERM flag from rank 0 before every training
+    step and reads it on the host (``_broadcast_sigterm_tensor``): a GPU synchronisation per step
+    (Lightning-AI/pytorch-lightning#21487). With our handler in place of Lightning's, that flag is
+    never set, so the broadcast always sends 0; stopping on a signal is agreed here instead, every
+    ``poll_every`` steps. Lightning versions without the broadcast are left as they are."""
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, "_broadcast_sigterm_tensor"):
+        loop._broadcast_sigterm_tensor = lambda: None
 
 
 def requeue_slurm_job() -> bool:
