@@ -24,7 +24,7 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from byol_nb.callbacks import FailureInjection, MonitorInterval, ProgressBar, ThroughputMonitor
+from byol_nb.callbacks import FailureInjection, MonitorInterval, ProgressBar, ProgressFile, ThroughputMonitor
 from byol_nb.checkpoint import AtomicCheckpointIO, CheckpointError, DiskFullError, check_resume, save_backbone
 from byol_nb.cli import apply_data_defaults, build_parser, check_args, config_from_args
 from byol_nb.config import TrainConfig
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     throughput = ThroughputMonitor()
     last = LastCheckpoint(out / "last.ckpt", args.save_every_n_steps, args.save_every_n_minutes,
                           poll_every=args.log_every_n_steps)
-    callbacks: list[pl.Callback] = [throughput, last, MonitorInterval(args.knn_every_n_epochs)]
+    callbacks: list[pl.Callback] = [throughput, ProgressFile(out, throughput), last,
+                                    MonitorInterval(args.knn_every_n_epochs)]
     if datamodule.spec.val is not None:
         callbacks.append(ModelCheckpoint(dirpath=out, filename="best", monitor="knn_top1", mode="max",
                                          enable_version_counter=False))
