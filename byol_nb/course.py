@@ -84,6 +84,11 @@ class Lesson:
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
 
+    def per_device(self, cpu: T, gpu: T) -> T:
+        """``gpu`` when the lesson runs on a GPU (more steps, bigger batches where they make a point
+        clearer), else ``cpu``; under FAST=1 the CPU's value is what ``size``/``steps`` shrink."""
+        return gpu if self.on_gpu else cpu
+
 
 # The CIFAR-10 subset the lessons train on when no other photos are named: 1,000 training and 200 test
 # images per class, 32 x 32 JPEGs in class folders.
