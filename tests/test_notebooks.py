@@ -188,6 +188,7 @@ def test_every_hidden_solution_pasted_in_passes_its_check(path: Path, fast_mode:
             cells.append(solution)  # nbclient records a cell's outputs at its index in the notebook
             client.execute_cell(solution, len(cells) - 1)
             check_cell = nbformat.v4.new_code_cell("".join(cells[check_index].source))
+            cells[check_index] = check_cell  # a display's later updates (by display_id) go to the notebook's cell
             client.execute_cell(check_cell, check_index)
             said = printed(check_cell)
             assert "correct!" in said and "not yet" not in said and "not answered" not in said, \
