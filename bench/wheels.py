@@ -19,7 +19,7 @@ nothing of the image (torch above all) is touched:
 Then the CIFAR-10 subset's archive (the check's real-photo run) is copied beside the wheels when it
 is found (``BYOL_NB_PHOTOS_TAR``, else ``../shared/data/cifar10-subset.tar``). The folder is emptied
 first, so that it never holds two versions of one package (two stop the install), and it must stay
-under ``LIMIT_MB``: the device tool carries at most 64 MiB of working tree. Only the standard library
+within ``LIMIT_MIB``: the device tool carries at most 64 MiB of working tree. Only the standard library
 is imported: any Python 3 with pip runs it.
 """
 
@@ -40,7 +40,7 @@ from pip._vendor.packaging.requirements import Requirement
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_PACKAGES = Path(__file__).with_name("gpu_image_packages.txt")
 PHOTOS_TAR = Path(os.environ.get("BYOL_NB_PHOTOS_TAR", REPO.parent / "shared" / "data" / "cifar10-subset.tar"))
-LIMIT_MB = 40
+LIMIT_MIB = 40
 # The GPU machine's interpreter and the wheel tags it accepts (its glibc is above 2.28).
 TARGET = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
           "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_27_x86_64",
@@ -128,11 +128,11 @@ def main(argv: list[str]) -> int:
               f"have no photos")
     files = sorted(p for p in folder.iterdir() if p.is_file())
     for path in files:
-        print(f"  {path.stat().st_size / 2**20:6.2f} MB  {path.name}")
+        print(f"  {path.stat().st_size / 2**20:6.2f} MiB  {path.name}")
     total = sum(p.stat().st_size for p in files) / 2**20
-    print(f"{len(files)} files, {total:.1f} MB in {folder}")
-    if total > LIMIT_MB:
-        raise SystemExit(f"error: {folder} holds {total:.1f} MB, over the {LIMIT_MB} MB it may take")
+    print(f"{len(files)} files, {total:.1f} MiB in {folder}")
+    if total > LIMIT_MIB:
+        raise SystemExit(f"error: {folder} holds {total:.1f} MiB, over the {LIMIT_MIB} MiB it may take")
     return 0
 
 
