@@ -95,7 +95,7 @@ rehearsal: $(REHEARSAL)/.installed
 	TIMEFORMAT='rehearsal: quick tests, %0R s'; time $(RUN_REHEARSED) -m pytest -q -p no:cacheprovider \
 	    -m "not slow and not notebooks" -x tests
 	TIMEFORMAT='rehearsal: 20-step photo run, %0R s'; time $(RUN_REHEARSED) -m byol_nb.train \
-	    --data data/cifar10-subset/train --val-data data/cifar10-subset/test --max-steps 20 --batch-size 64 \
+	    --data data/cifar10-subset/train --val-data data/cifar10-subset/test --max-steps 20 --batch-size 32 \
 	    --proj-hidden 256 --accelerator cpu --no-progress --out $(REHEARSAL)/photos
 
 lab: venv
