@@ -17,9 +17,9 @@ nothing of the image (torch above all) is touched:
   CUDA than the image's). What is asked for by name always travels.
 
 Then the CIFAR-10 subset's archive (the check's real-photo run) is copied beside the wheels when it
-is found (``BYOL_NB_PHOTOS_TAR``, else ``../shared/data/cifar10-subset.tar``). The folder is emptied
-first, so that it never holds two versions of one package (two stop the install), and it must stay
-within ``LIMIT_MIB``: the device tool carries at most 64 MiB of working tree. Only the standard library
+is found (``BYOL_NB_PHOTOS_TAR``, else ``../shared/data/cifar10-subset.tar``; a copy made by an
+earlier run is kept otherwise). The folder's wheels are removed first, so that it never holds two
+versions of one package (two stop the install), and it must stay within ``LIMIT_MIB``: the device tool carries at most 64 MiB of working tree. Only the standard library
 is imported: any Python 3 with pip runs it.
 """
 
@@ -123,6 +123,8 @@ def main(argv: list[str]) -> int:
                     *(f"{name}=={version}" for name, version in sorted(carried.items()))], check=True)
     if PHOTOS_TAR.is_file():
         shutil.copyfile(PHOTOS_TAR, folder / PHOTOS_TAR.name)
+    elif (folder / PHOTOS_TAR.name).is_file():
+        print(f"note: {PHOTOS_TAR} not found (set BYOL_NB_PHOTOS_TAR): the copy already in {folder} is kept")
     else:
         print(f"warning: {PHOTOS_TAR} not found (set BYOL_NB_PHOTOS_TAR): the GPU check's real-photo run will "
               f"have no photos")
