@@ -1,7 +1,8 @@
-"""How many operations one LARS step and one EMA update launch on a ResNet-18 BYOL network.
+"""How many operations one LARS step, one EMA update and one whole BYOL training step launch on a
+ResNet-18 BYOL network.
 
-    python -m bench.launches             # byol_nb's LARS step and EMA update
-    python -m bench.launches --compare   # and the previous per-tensor loops, kept below for reference
+    python -m bench.launches             # byol_nb's LARS step, EMA update and training step
+    python -m bench.launches --compare   # and with the previous per-tensor loops, kept below for reference
 
 On a GPU these two steps are bound by the host: every operation costs a kernel launch of a few
 microseconds, whatever the tensor's size. The count is taken on the CPU with torch.profiler, over the
@@ -24,13 +25,16 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from byol_nb.augment import AugmentConfig, TwoViewAugment
 from byol_nb.ema import ema_update_
+from byol_nb.minimal import byol_step
 from byol_nb.models import Backbone, BYOLNetworks
 from byol_nb.optim import LARS, build_optimizer
 
 NO_KERNEL = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::view", "aten::select",
              "aten::unbind", "aten::detach", "aten::alias", "aten::as_strided", "aten::lift_fresh"}
 TAU, LR, WEIGHT_DECAY = 0.99, 0.5, 1.5e-6
+STEP_BATCH, STEP_SIZE = 32, 32  # the training step's images: the cifar10 preset's shape, a smaller batch
 
 
 def networks() -> BYOLNetworks:
@@ -106,17 +110,35 @@ def previous_ema_update_(target: nn.Module, online: nn.Module, tau: float) -> No
             t.copy_(o)
 
 
+def training_step(nets: BYOLNetworks, update: Callable[[], object], ema: Callable[[], object]) -> Callable[[], object]:
+    """One whole BYOL step as ``byol_nb.minimal`` runs it: two views of a batch, the forward pass and
+    the loss, the backward pass, the optimiser's ``update`` and the ``ema`` of the target."""
+    augment = TwoViewAugment(AugmentConfig(STEP_SIZE))
+    images = torch.rand(STEP_BATCH, 3, STEP_SIZE, STEP_SIZE, generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        loss, _ = byol_step(nets, augment, images)
+        loss.backward()
+        update()
+        ema()
+    return step
+
+
 def implementations(nets: BYOLNetworks, compare: bool) -> dict[tuple[str, str], Callable[[], object]]:
     """(operation, implementation): one call of it, each LARS with its own momentum buffers and
     past its first step (which creates them)."""
     lars, previous = (build_optimizer("lars", nets, LR, WEIGHT_DECAY) for _ in range(2))
     lars.step()
-    result = {("LARS step", "byol_nb"): lars.step,
-              ("EMA update", "byol_nb"): lambda: ema_update_(nets.target, nets.online, TAU)}
+    ema = lambda: ema_update_(nets.target, nets.online, TAU)  # noqa: E731
+    result = {("LARS step", "byol_nb"): lars.step, ("EMA update", "byol_nb"): ema,
+              ("training step", "byol_nb"): training_step(nets, lars.step, ema)}
     if compare:
         previous_lars_step(previous)
+        previous_ema = lambda: previous_ema_update_(nets.target, nets.online, TAU)  # noqa: E731
         result[("LARS step", "previous loop")] = lambda: previous_lars_step(previous)
-        result[("EMA update", "previous loop")] = lambda: previous_ema_update_(nets.target, nets.online, TAU)
+        result[("EMA update", "previous loop")] = previous_ema
+        result[("training step", "previous loop")] = training_step(nets, lambda: previous_lars_step(previous),
+                                                                   previous_ema)
     return dict(sorted(result.items()))
 
 

@@ -6,27 +6,26 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from byol_nb.augment import normalize, resized_crop, sample_crop_boxes
 from byol_nb.cpu_speed import speed_up_for_cpu
 from byol_nb.datasets import dataset_labels
 from byol_nb.features import extract_features
-from byol_nb.metrics import first_per_class
 from byol_nb.models import Backbone
 
 
-def supervised_top1(train: Dataset, test: Dataset, per_class: int, steps: int = 300, batch_size: int = 64,
+def supervised_top1(train: Dataset, test: Dataset, index: Tensor, steps: int = 300, batch_size: int = 64,
                     lr: float = 0.05, seed: int = 0, small_stem: bool = False,
                     device: str | torch.device = "cpu") -> float:
     """Top-1 (%) on ``test`` of a ResNet-18 trained from random initialisation, with labels, on the
-    first ``per_class`` images of each class of ``train``: the baseline self-supervision has to
-    beat with as few labels. The images get random crops (35-100% of the area) and flips, the
-    geometric part of BYOL's views, and SGD with momentum for ``steps`` steps on a cosine schedule."""
+    images ``index`` of ``train`` (a draw of :func:`byol_nb.metrics.label_draws`): the baseline
+    self-supervision has to beat with as few labels. The images get random crops (35-100% of the
+    area) and flips, the geometric part of BYOL's views, and SGD with momentum for ``steps`` steps
+    on a cosine schedule."""
     images = torch.stack([train[i][0] for i in range(len(train))])
     labels = torch.as_tensor(dataset_labels(train))
-    index = first_per_class(labels, per_class)
     images, labels = images[index].to(device), labels[index].to(device)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

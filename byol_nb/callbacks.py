@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
@@ -38,6 +40,28 @@ class ThroughputMonitor(pl.Callback):
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+
+class ProgressFile(pl.Callback):
+    """Writes ``OUT/progress.json`` on every logging step (global rank 0): the step, the run's
+    length, the images per second and the seconds trained so far, which a notebook shows while
+    the run goes (:class:`byol_nb.live.LiveCurves`). Replaced whole (a temporary file renamed), so
+    a reader never sees half a record; only plain numbers the callbacks already hold, no read of
+    a device value."""
+
+    def __init__(self, out: str | Path, throughput: ThroughputMonitor) -> None:
+        self.path, self.throughput = Path(out) / "progress.json", throughput
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if not trainer.is_global_zero or trainer.global_step % trainer.log_every_n_steps:
+            return
+        record = {"step": trainer.global_step, "total_steps": int(trainer.estimated_stepping_batches),
+                  "images_per_second": round(self.throughput.images_per_second, 1),
+                  "elapsed_s": round(self.throughput.seconds, 1)}
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(record))
+        os.replace(partial, self.path)
 
 
 class ProgressBar(TQDMProgressBar):

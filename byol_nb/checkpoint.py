@@ -167,10 +167,11 @@ def check_resume(path: str | Path, config: Mapping[str, Any], state_dict: Mappin
 
 
 def save_backbone(backbone: Backbone, path: str | Path, **extra: object) -> Path:
-    """Write the backbone's weights with what is needed to rebuild it."""
+    """Write the backbone's weights (as CPU tensors, wherever it lives) with what is needed to rebuild it."""
     path = Path(path)
+    weights = {name: tensor.detach().cpu() for name, tensor in backbone.state_dict().items()}
     payload = {"format": BACKBONE_FORMAT, "backbone": backbone.name, "small_stem": backbone.small_stem,
-               "dim": backbone.dim, "state_dict": backbone.state_dict(), **extra}
+               "dim": backbone.dim, "state_dict": weights, **extra}
     return atomic_save(payload, path)
 
 

@@ -210,15 +210,17 @@ def build_parser() -> TrainParser:
     run.add_argument("--knn-every-n-epochs", type=int, default=5,
                      help="epochs between kNN monitor passes (at most the run's number of full epochs, so "
                           "that a short run is monitored too); each pass embeds the whole labeled split")
-    run.add_argument("--save-every-n-steps", type=int, default=200,
-                     help="write OUT/last.ckpt every N optimizer steps (also at the end, and on SIGTERM/SIGUSR1)")
+    run.add_argument("--save-every-n-minutes", type=float, default=10.0,
+                     help="write OUT/last.ckpt every N minutes of training (also at the end, and on SIGTERM/SIGUSR1)")
+    run.add_argument("--save-every-n-steps", type=int, default=None,
+                     help="also write OUT/last.ckpt every N optimizer steps")
     run.add_argument("--log-every-n-steps", type=int, default=10,
                      help="steps between rows of the metrics log (and between checks for a non-finite loss)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar (logs only)")
     return p
 
 
-POSITIVE_FLAGS = ("batch_size", "max_epochs", "max_steps", "save_every_n_steps", "num_nodes", "proj_hidden",
+POSITIVE_FLAGS = ("batch_size", "max_epochs", "max_steps", "save_every_n_steps", "save_every_n_minutes", "num_nodes", "proj_hidden",
                   "proj_dim", "log_every_n_steps", "knn_every_n_epochs", "local_size", "dist_timeout")
 
 

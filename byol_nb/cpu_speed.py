@@ -61,7 +61,7 @@ def patch_matmul_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: 
     (h0, h1, top, bottom), (w0, w1, left, right) = (
         _useful_taps(size, kernel, step, pad)
         for size, kernel, step, pad in zip(x.shape[-2:], weight.shape[-2:], stride, padding))
-    taps = weight.permute(0, 2, 3, 1)[:, h0:h1, w0:w1]  # (O, kh, kw, C)
+    taps = _Taps.apply(weight, (h0, h1, w0, w1))  # (O, kh, kw, C)
     out_channels, kh, kw, in_channels = taps.shape
     cells = x.permute(0, 2, 3, 1)  # (B, H, W, C)
     if top or bottom or left or right:
@@ -71,6 +71,29 @@ def patch_matmul_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: 
     rows = patches.permute(0, 1, 2, 4, 5, 3).reshape(batch * out_h * out_w, kh * kw * in_channels)
     out = F.linear(rows, taps.reshape(out_channels, kh * kw * in_channels), bias)
     return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+
+
+class _Taps(torch.autograd.Function):
+    """The kernel taps ``weight[:, :, h0:h1, w0:w1]`` as (O, kh, kw, C), a view of a channels_last
+    weight, whose gradient is a fresh tensor laid out like the weight, as a convolution's is.
+
+    Through plain views (permute, slice) the gradient would reach the weight as a view of another
+    tensor; autograd then sums two uses of a layer (the main and the multi-crop views) out of place,
+    into a tensor whose strides differ from the weight's where its sides are 1 (a 1x1 kernel), and
+    DDP copies every such gradient into its bucket, with a warning."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, box: tuple[int, int, int, int]) -> Tensor:  # type: ignore[override]
+        h0, h1, w0, w1 = box
+        ctx.box, ctx.shape, ctx.strides = box, weight.shape, weight.stride()
+        return weight.permute(0, 2, 3, 1)[:, h0:h1, w0:w1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        h0, h1, w0, w1 = ctx.box
+        weight_grad = grad.new_empty_strided(ctx.shape, ctx.strides).zero_()
+        weight_grad.permute(0, 2, 3, 1)[:, h0:h1, w0:w1] = grad
+        return weight_grad, None
 
 
 class MatmulConv2d(nn.Conv2d):

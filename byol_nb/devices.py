@@ -7,8 +7,11 @@ of the running process (``ddp_notebook``). This module makes each path safe:
 
 * **Fork safety.** A forked process cannot use CUDA once its parent initialised it. Nothing here
   initialises CUDA in the launching process (devices are counted through NVML, the GPU's bf16
-  support is asked in a separate process), :func:`check_fork_safe` stops a fork after CUDA with
-  the remedy, and each forked worker checks again (:func:`check_worker_can_use_cuda`).
+  support is asked in a separate process, and ``import byol_nb`` makes ``torch.cuda.is_available()``
+  ask NVML too), :func:`check_fork_safe` stops a fork after CUDA with the remedy, and each forked
+  worker checks again (:func:`check_worker_can_use_cuda`). CUDA counts as initialised once the
+  process has loaded the CUDA driver (:func:`cuda_driver_loaded`), which ``is_available()`` without
+  NVML does while ``torch.cuda.is_initialized()`` stays False.
 * **Process counts that fit the machine** (:func:`check_devices`): more processes than GPUs, or
   than CPU cores, stop before anything starts instead of hanging.
 * **No orphans.** A process-group timeout (``--dist-timeout``) bounds every wait for another
@@ -38,9 +41,20 @@ _IMPORTED_BY_PID = os.getpid()
 _CUDA_INITIALISED_AT_FORK = False
 
 
+def cuda_driver_loaded(maps: Path = Path("/proc/self/maps")) -> bool:
+    """Whether this process has loaded the CUDA driver library (``libcuda.so``): the state a fork
+    cannot survive. ``torch.cuda.is_available()`` without NVML loads and initialises the driver
+    but leaves ``torch.cuda.is_initialized()`` False, so torch's own flag misses it. Linux only
+    (the memory map of the process); elsewhere, torch's flag alone."""
+    try:
+        return torch.cuda.is_initialized() or "libcuda.so" in maps.read_text()
+    except OSError:
+        return torch.cuda.is_initialized()
+
+
 def _note_cuda_state_before_fork() -> None:
     global _CUDA_INITIALISED_AT_FORK
-    _CUDA_INITIALISED_AT_FORK = torch.cuda.is_initialized()
+    _CUDA_INITIALISED_AT_FORK = cuda_driver_loaded()
 
 
 os.register_at_fork(before=_note_cuda_state_before_fork)
@@ -83,7 +97,7 @@ def check_fork_safe(strategy: object, call: str = "trainer.fit", accelerator: st
     subprocess"), after the fork. Call it right before ``trainer.fit`` in a notebook
     (``python -m byol_nb.train`` does).
     """
-    if forks(strategy, accelerator, devices) and torch.cuda.is_initialized():
+    if forks(strategy, accelerator, devices) and cuda_driver_loaded():
         name = strategy if isinstance(strategy, str) else type(strategy).__name__
         raise ForkAfterCudaError(_fork_remedy(f"{call} with strategy={name!r}"))
 
@@ -93,6 +107,15 @@ def check_worker_can_use_cuda() -> None:
     GPU, when it was forked from a process that had initialised CUDA."""
     if os.getpid() != _IMPORTED_BY_PID and _CUDA_INITIALISED_AT_FORK:
         raise ForkAfterCudaError(_fork_remedy("this training run"))
+
+
+def use_fast_gpu_kernels() -> None:
+    """In a process that trains on a GPU: let cuDNN time its convolution algorithms once per input
+    shape and keep the fastest (every step here has the same shapes), and let float32 matrix
+    products that stay in float32 under bf16 autocast (the pixel-contrast logits, the kNN
+    similarities) use TF32 tensor cores, whose 10-bit mantissa these scores do not need."""
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
 
 
 def limit_threads_after_fork() -> None:

@@ -190,14 +190,16 @@ def diagram_ddp(world: int = 2) -> Figure:
     Each rank takes its own slice of the global batch through its own copy of the model. The forward
     all-gather puts every rank's features into one tensor [x_0, x_1, ...] on every rank (so a loss or
     a statistic can see the whole batch); its backward sums the gradients of that tensor over the
-    ranks (all-reduce) and each rank keeps the slice of its own features. Finally DDP averages the
-    weight gradients over the ranks (all-reduce) before the optimizer step, so the copies stay identical.
+    ranks (all-reduce) and each rank keeps the slice of its own features. DDP averages the weight
+    gradients over the ranks (all-reduce) during the backward pass, bucket by bucket as they are
+    ready, and the optimizer steps once it is done, so the copies stay identical. Each rank's loss
+    covers its own queries against every rank's keys: only the sum over ranks is the whole batch's.
     """
     column, margin, size = 3.1, 2.5, (2.65, 0.6)
     width = margin + column * world + 0.2
     fig, ax = _canvas(width, 6.3, f"Data-parallel training on {world} processes (ranks)")
     rows = {"batch": 5.6, "model": 4.4, "features": 3.3, "gathered": 1.75, "loss": 0.6}
-    for y, text in ((rows["model"], "DDP, after backward:\nall-reduce (average)\nof the weight gradients,\n"
+    for y, text in ((rows["model"], "DDP, during backward:\nall-reduce (average)\nof the weight gradients,\n"
                      "then optimizer.step():\nthe copies stay identical"),
                     (rows["gathered"], "forward: all-gather,\nevery rank gets [$x_0$, $x_1$, ...]\n\n"
                      "backward: all-reduce\n(sum) of the gradients,\nthen each rank keeps\nits own slice")):
@@ -213,7 +215,7 @@ def diagram_ddp(world: int = 2) -> Figure:
         for k in range(world):
             _box(ax, (cx - size[0] / 2 + (k + 0.5) * step, rows["gathered"]), f"$x_{k}$", f"C{k}", (step, 0.5),
                  alpha=0.7 if k == r else 0.2)
-        _box(ax, (cx, rows["loss"]), "loss over the whole batch", "0.35", size)
+        _box(ax, (cx, rows["loss"]), f"loss of rank {r}'s queries\nagainst all keys", "0.35", size)
         fwd, back = cx - 0.45, cx + 0.45
         for y0, y1 in ((rows["batch"], rows["model"]), (rows["model"], rows["features"]),
                        (rows["gathered"], rows["loss"])):

@@ -132,14 +132,32 @@ def collapse_std(projection: Tensor) -> Tensor:
 
 
 def first_per_class(labels: Tensor, per_class: int) -> Tensor:
-    """Indices of the first ``per_class`` examples of every class (in the data's order): the labeled
-    subset of a label-budget experiment, the same for every method compared."""
+    """Indices of the first ``per_class`` examples of every class (in the data's order)."""
     return torch.cat([(labels == c).nonzero().flatten()[:per_class] for c in labels.unique()])
 
 
+def random_per_class(labels: Tensor, per_class: int, generator: torch.Generator) -> Tensor:
+    """Indices of ``per_class`` examples of every class, drawn at random: one draw of the labeled
+    images of a label-budget experiment (the same draw for every method compared)."""
+    return torch.cat([members[torch.randperm(len(members), generator=generator)[:per_class]]
+                      for c in labels.unique() for members in [(labels == c).nonzero().flatten()]])
+
+
+def label_draws(labels: Tensor, budgets: tuple[int, ...], draws: int = 5, seed: int = 0) -> dict[int, list[Tensor]]:
+    """For each budget ``n``, ``draws`` random draws of ``n`` labeled images per class (indices into
+    ``labels``), the same for every representation and baseline compared; a budget that covers every
+    image of a class is drawn once."""
+    generator = torch.Generator().manual_seed(seed)
+    largest = int(torch.bincount(labels).max())
+    return {n: [random_per_class(labels, n, generator) for _ in range(1 if n >= largest else draws)]
+            for n in budgets}
+
+
 def linear_probe_by_labels(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-                           budgets: tuple[int, ...] = (1, 5, 10, 50)) -> dict[int, float]:
-    """Linear-probe top-1 (%) with only ``n`` labeled training images per class, for each ``n``:
-    how many labels a representation needs."""
-    return {n: linear_probe_top1(train_x[index], train_y[index], test_x, test_y)
-            for n in budgets for index in [first_per_class(train_y, n)]}
+                           budgets: tuple[int, ...] = (1, 5, 10, 50), draws: int = 5,
+                           seed: int = 0) -> dict[int, list[float]]:
+    """Linear-probe top-1 (%) with only ``n`` labeled training images per class, for each ``n``, one
+    score per draw of :func:`label_draws`: how many labels a representation needs, and how much the
+    score depends on which images are labeled."""
+    return {n: [linear_probe_top1(train_x[index], train_y[index], test_x, test_y) for index in indices]
+            for n, indices in label_draws(train_y, budgets, draws, seed).items()}

@@ -53,7 +53,7 @@ def train_minimal(images: Tensor, steps: int, batch_size: int = 32, *, use_predi
                   weight_decay: float = 1e-5, warmup_steps: int = 0, hidden_dim: int = 256, out_dim: int = 64,
                   backbone: str = "resnet18", seed: int = 0, monitor: tuple[Dataset, Dataset] | None = None,
                   monitor_every: int = 10, callback: Callable[[int, dict[str, list[float]]], None] | None = None,
-                  ) -> tuple[BYOLNetworks, dict[str, list[float]]]:
+                  device: str | torch.device = "cpu") -> tuple[BYOLNetworks, dict[str, list[float]]]:
     """Train BYOL for ``steps`` steps on a uint8 image tensor (N, 3, S, S); returns (nets, history).
 
     ``augment`` is the views' recipe (default: the paper's, at the images' size); ``optimizer`` one
@@ -62,14 +62,19 @@ def train_minimal(images: Tensor, steps: int, batch_size: int = 32, *, use_predi
     the target becomes an exact copy of the online network (a stop-gradient but no moving average).
     ``monitor=(bank, queries)``, two labeled datasets, scores the backbone with kNN before training,
     every ``monitor_every`` steps and at the end. ``callback(step, history)`` runs after each step.
+    Everything runs on ``device``: the networks, the augmentation, each batch and the monitor's
+    features (the images stay where they are; a batch is copied over when drawn).
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 images (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
     if len(images) < 2:
         raise ValueError("need at least 2 images: BatchNorm cannot train on a batch of one")
     torch.manual_seed(seed)
-    nets = speed_up_for_cpu(BYOLNetworks(Backbone(backbone), hidden_dim, out_dim))  # CPU only; see cpu_speed.py
-    views = TwoViewAugment(augment or AugmentConfig(images.shape[-1]))
+    device = torch.device(device)
+    nets = BYOLNetworks(Backbone(backbone), hidden_dim, out_dim).to(device)
+    if device.type == "cpu":
+        speed_up_for_cpu(nets)  # matrix-product convolutions on tiny maps; see cpu_speed.py
+    views = TwoViewAugment(augment or AugmentConfig(images.shape[-1])).to(device)
     trained = nn.ModuleList([nets.online] + ([nets.predictor] if use_predictor else []))
     optimizer_ = build_optimizer(optimizer, trained, lr, weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer_, lambda step: warmup_cosine(step, warmup_steps, steps))
@@ -79,8 +84,8 @@ def train_minimal(images: Tensor, steps: int, batch_size: int = 32, *, use_predi
         history.update(knn_step=[], knn=[])
 
     def score(step: int) -> None:
-        bank_x, bank_y = extract_features(nets.backbone, monitor[0])
-        query_x, query_y = extract_features(nets.backbone, monitor[1])
+        bank_x, bank_y = extract_features(nets.backbone, monitor[0], device=device)
+        query_x, query_y = extract_features(nets.backbone, monitor[1], device=device)
         history["knn_step"].append(step)
         history["knn"].append(knn_top1(bank_x, bank_y, query_x, query_y))
 
@@ -90,7 +95,7 @@ def train_minimal(images: Tensor, steps: int, batch_size: int = 32, *, use_predi
         score(0)
     for step in range(steps):
         index = torch.randperm(len(images), generator=generator)[:batch_size]
-        loss, projection = byol_step(nets, views, images[index], use_predictor, use_stop_grad,
+        loss, projection = byol_step(nets, views, images[index].to(device), use_predictor, use_stop_grad,
                                      seed=seed * 100_003 + step)
         optimizer_.zero_grad(set_to_none=True)
         loss.backward()

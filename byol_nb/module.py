@@ -28,7 +28,7 @@ from torch import Tensor
 
 from byol_nb.augment import AugmentConfig, TwoViewAugment, normalize
 from byol_nb.config import TrainConfig, check_config
-from byol_nb.devices import check_worker_can_use_cuda
+from byol_nb.devices import check_worker_can_use_cuda, use_fast_gpu_kernels
 from byol_nb.distributed import convert_sync_batchnorm, gather
 from byol_nb.ema import cosine_momentum, ema_update_
 from byol_nb.metrics import collapse_std, knn_top1
@@ -107,6 +107,7 @@ class BYOLModule(pl.LightningModule):
         root = self.trainer.strategy.root_device
         if root.type == "cuda":
             check_worker_can_use_cuda()
+            use_fast_gpu_kernels()
         if self.config.sync_bn and self.trainer.world_size > 1:
             convert_sync_batchnorm(self.nets, cpu=root.type == "cpu")
 

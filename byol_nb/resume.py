@@ -1,4 +1,5 @@
-"""Keeping a run resumable: OUT/last.ckpt every N steps, at the end, and when the job is told to stop.
+"""Keeping a run resumable: OUT/last.ckpt every few minutes (or N steps), at the end, and when the job
+is told to stop.
 
 A run can end at any moment: a SIGKILL, a pre-empted cluster job, a time limit. ``--resume``
 continues from ``last.ckpt`` exactly (see :class:`byol_nb.data.ResumableSampler` for the data
@@ -23,6 +24,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -30,27 +32,37 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_clock = time.monotonic  # seconds; tests turn it faster
 
 
 class LastCheckpoint(pl.Callback):
-    """Writes ``path`` every ``every_n_steps`` optimizer steps, at the end of training, and after
-    the step during which SIGTERM or SIGUSR1 arrived; then it stops the trainer.
+    """Writes ``path`` every ``every_n_minutes`` of training and every ``every_n_steps`` optimizer
+    steps (either may be None), at the end of training, and after the step during which SIGTERM or
+    SIGUSR1 arrived; then it stops the trainer.
 
-    Saving happens at the end of a training batch, a point Lightning's loops restore exactly.
-    The stop decision is shared by all processes (any rank's signal stops every rank at the
-    same step), since a signal may reach only one of them (``kill`` of the launching process).
-    With several processes they agree every ``poll_every`` steps (one small all-reduce), so a
-    signal is acted on within that many steps. ``stopped_by`` names the signal afterwards, or is
-    None when training ran to its end.
+    Saving by time bounds what a crash loses on any machine: the same step count is minutes on a
+    CPU but seconds on a GPU, where a checkpoint of both networks and the optimizer (hundreds of MB,
+    flushed to disk) every few seconds would cost a good share of the run. Saving happens at the end
+    of a training batch, a point Lightning's loops restore exactly.
+
+    Decisions are shared by all processes: any rank's signal stops every rank at the same step (a
+    signal may reach only one of them, ``kill`` of the launching process), and rank 0's clock decides
+    when a save is due (every rank must take part in it). With several processes they agree every
+    ``poll_every`` steps (one small all-reduce), so a signal or a due save waits that many steps at
+    most. ``stopped_by`` names the signal afterwards, or is None when training ran to its end.
     """
 
-    def __init__(self, path: str | Path, every_n_steps: int, poll_every: int = 10) -> None:
-        if every_n_steps <= 0 or poll_every <= 0:
-            raise ValueError(f"every_n_steps and poll_every must be positive, got {every_n_steps}, {poll_every}")
+    def __init__(self, path: str | Path, every_n_steps: int | None = None, every_n_minutes: float | None = 10.0,
+                 poll_every: int = 10) -> None:
+        if any(v is not None and v <= 0 for v in (every_n_steps, every_n_minutes)) or poll_every <= 0:
+            raise ValueError(f"every_n_steps, every_n_minutes and poll_every must be positive, got {every_n_steps}, "
+                             f"{every_n_minutes}, {poll_every}")
         self.path, self.every_n_steps, self.poll_every = Path(path), every_n_steps, poll_every
+        self.every_s = None if every_n_minutes is None else 60 * every_n_minutes
         self.stopped_by: str | None = None
         self._received = 0
         self._saved_step = -1
+        self._saved_at = _clock()
         self._previous_handlers: dict[int, object] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -60,22 +72,30 @@ class LastCheckpoint(pl.Callback):
             for signum in STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
             _skip_lightnings_sigterm_broadcast(trainer)
+        self._saved_at = _clock()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._received = int(signum)  # acted on at the end of the current step
 
-    def _signal_of_any_process(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+    def _time_to_save(self, trainer: pl.Trainer) -> bool:
+        return (self.every_s is not None and trainer.is_global_zero
+                and _clock() - self._saved_at >= self.every_s)
+
+    def _signal_and_due_save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, bool]:
+        """Any process's signal, and whether rank 0's clock says a save is due."""
         if trainer.world_size == 1:
-            return self._received
+            return self._received, self._time_to_save(trainer)
         if trainer.global_step % self.poll_every:
-            return 0
-        received = torch.tensor(self._received, device=pl_module.device)
-        return int(trainer.strategy.reduce(received, reduce_op=torch.distributed.ReduceOp.MAX))
+            return 0, False
+        local = torch.tensor([self._received, int(self._time_to_save(trainer))], device=pl_module.device)
+        received, due = trainer.strategy.reduce(local, reduce_op=torch.distributed.ReduceOp.MAX).tolist()
+        return int(received), bool(due)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        signum = self._signal_of_any_process(trainer, pl_module)
-        if signum or trainer.global_step % self.every_n_steps == 0:
+        signum, due = self._signal_and_due_save(trainer, pl_module)
+        by_steps = self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
+        if signum or due or by_steps:
             self._save(trainer)
         if signum:
             self.stopped_by = signal.Signals(signum).name
@@ -91,6 +111,7 @@ class LastCheckpoint(pl.Callback):
         if trainer.global_step != self._saved_step:
             trainer.save_checkpoint(self.path, weights_only=False)  # every rank calls it; rank 0 writes
             self._saved_step = trainer.global_step
+            self._saved_at = _clock()
 
 
 def _skip_lightnings_sigterm_broadcast(trainer: pl.Trainer) -> None:

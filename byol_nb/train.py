@@ -24,7 +24,7 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from byol_nb.callbacks import FailureInjection, MonitorInterval, ProgressBar, ThroughputMonitor
+from byol_nb.callbacks import FailureInjection, MonitorInterval, ProgressBar, ProgressFile, ThroughputMonitor
 from byol_nb.checkpoint import AtomicCheckpointIO, CheckpointError, DiskFullError, check_resume, save_backbone
 from byol_nb.cli import apply_data_defaults, build_parser, check_args, config_from_args
 from byol_nb.config import TrainConfig
@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     resume_from = out / "last.ckpt" if args.resume else None
     resume_step = _check_resume(resume_from, config, module) if resume_from is not None else None
     throughput = ThroughputMonitor()
-    last = LastCheckpoint(out / "last.ckpt", args.save_every_n_steps, poll_every=args.log_every_n_steps)
-    callbacks: list[pl.Callback] = [throughput, last, MonitorInterval(args.knn_every_n_epochs)]
+    last = LastCheckpoint(out / "last.ckpt", args.save_every_n_steps, args.save_every_n_minutes,
+                          poll_every=args.log_every_n_steps)
+    callbacks: list[pl.Callback] = [throughput, ProgressFile(out, throughput), last,
+                                    MonitorInterval(args.knn_every_n_epochs)]
     if datamodule.spec.val is not None:
         callbacks.append(ModelCheckpoint(dirpath=out, filename="best", monitor="knn_top1", mode="max",
                                          enable_version_counter=False))
@@ -162,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                "final_loss": _last_logged(trainer, "train/loss"), "wall_time_s": round(wall, 1),
                "images_per_second": round(throughput.images_per_second, 1),
                "world_size": trainer.world_size, "config": asdict(config)}
-    backbone = module.backbone.cpu().float()
+    device = trainer.strategy.root_device  # Lightning has moved the module to the CPU: score it where it trained
+    backbone = module.backbone.float().to(device)
     save_backbone(backbone, out / "backbone.pt", image_size=config.image_size)
     if datamodule.bank_set is not None:
-        trained = evaluate_backbone(backbone, datamodule.bank_set, datamodule.val_set)
+        trained = evaluate_backbone(backbone, datamodule.bank_set, datamodule.val_set, device=device)
         backbone.load_state_dict(initial_backbone)
-        at_init = evaluate_backbone(backbone, datamodule.bank_set, datamodule.val_set)
+        at_init = evaluate_backbone(backbone, datamodule.bank_set, datamodule.val_set, device=device)
         metrics.update(knn_top1=round(trained, 2), knn_top1_random_init=round(at_init, 2))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot_curves(out)

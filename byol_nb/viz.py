@@ -193,6 +193,26 @@ def plot_bars(values: dict[str, float], title: str = "", ylabel: str = "", fmt: 
     return fig
 
 
+def plot_embeddings(features: dict[str, "torch.Tensor"], labels: "torch.Tensor", classes: list[str],
+                    size: float = 3.6):
+    """Each representation's features (N, dim) projected on their two principal components, one
+    point per image coloured by its class: classes that form separate clusters here are easy for a
+    linear probe. The projection is each representation's own (standardised features, PCA)."""
+    fig, axes = plt.subplots(1, len(features), figsize=(size * len(features), size), squeeze=False)
+    for ax, (name, x) in zip(axes[0], features.items()):
+        x = x.float()
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+        _, _, directions = torch.pca_lowrank(x, q=2, center=False)
+        points = (x @ directions).numpy()
+        for c, cls in enumerate(classes):
+            chosen = (labels == c).numpy()
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=4, alpha=0.6, color=f"C{c % 10}", label=cls)
+        ax.set(title=name, xticks=[], yticks=[])
+    axes[0][-1].legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
 def image_rows(rows: dict[str, "torch.Tensor"], size: float = 1.2, title: str = ""):
     """One row of images (N, 3, H, W) per entry, the entry's name written left of the row."""
     return _named_rows({name: [to_display(image) for image in images] for name, images in rows.items()}, size, title)

@@ -57,6 +57,21 @@ def test_weight_gradient_comes_back_in_the_weights_layout(size):
     assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_layer_used_twice_gets_one_gradient_with_the_weights_strides(kernel):
+    """The main views (2x2 maps) and a multi-crop view (1x1 maps) through one layer: the summed
+    gradient that reaches the weight has the weight's own strides, also where a 1x1 kernel makes
+    channels_last and contiguous strides differ though the memory is the same; DDP compares
+    strides exactly and otherwise copies the gradient into its bucket every step, with a warning."""
+    conv = speed_up_for_cpu(nn.Conv2d(8, 16, kernel, padding=kernel // 2, bias=False))
+    conv.to(memory_format=torch.channels_last)
+    seen = []
+    conv.weight.register_hook(lambda grad: seen.append(grad.stride()))
+    views = [torch.randn(2, 8, size, size).contiguous(memory_format=torch.channels_last) for size in (2, 1)]
+    sum(conv(view).sum() for view in views).backward()
+    assert seen == [conv.weight.stride()]
+
+
 def test_dropping_taps_that_only_see_padding_keeps_every_small_case_exact():
     """Every combination of tiny height/width, kernel, stride and padding, forward and backward."""
     torch.manual_seed(0)

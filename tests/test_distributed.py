@@ -241,6 +241,8 @@ def test_lightning_launcher_through_byol_nb_launch(tiny_shapes: Path, tmp_path: 
     assert metrics == json.loads((tmp_path / "metrics.json").read_text())
     assert_run_like_one_process(tmp_path, one_process_metrics)
     assert "finished 3 steps" in shown.getvalue()
+    # one local view through the same layers as the main views: every gradient keeps its weight's layout
+    assert "Grad strides do not match bucket view strides" not in (tmp_path / "launch.log").read_text()
     # the kernel's side never imports torch, so it can never hold CUDA
     check = "import sys, byol_nb; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", check], check=True, timeout=60)

@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from byol_nb.baselines import supervised_top1
 from byol_nb.evaluate import segmentation_predictions
-from byol_nb.metrics import first_per_class, linear_probe_by_labels, segmentation_scores
+from byol_nb.metrics import first_per_class, label_draws, linear_probe_by_labels, segmentation_scores
 from byol_nb.models import Backbone
 
 
@@ -33,8 +33,18 @@ def test_more_labels_per_class_do_not_hurt_a_linear_probe_on_clear_features():
     torch.manual_seed(0)
     labels = torch.arange(3).repeat(40)
     features = torch.nn.functional.one_hot(labels, 3).float() + 0.3 * torch.randn(120, 3)
-    scores = linear_probe_by_labels(features[:90], labels[:90], features[90:], labels[90:], budgets=(1, 20))
-    assert set(scores) == {1, 20} and scores[20] >= scores[1] and scores[20] > 80
+    scores = linear_probe_by_labels(features[:90], labels[:90], features[90:], labels[90:], budgets=(1, 20, 30),
+                                    draws=4)
+    assert set(scores) == {1, 20, 30} and [len(scores[n]) for n in (1, 20, 30)] == [4, 4, 1]  # 30: every image
+    assert min(scores[20]) >= sum(scores[1]) / 4 and min(scores[20]) > 80
+
+
+def test_label_draws_are_random_per_class_and_the_same_for_every_caller():
+    labels = torch.arange(4).repeat(10)
+    a, b = label_draws(labels, (2, 10), draws=3, seed=5), label_draws(labels, (2, 10), draws=3, seed=5)
+    assert all(torch.equal(x, y) for n in a for x, y in zip(a[n], b[n]))
+    assert all(torch.bincount(labels[index]).tolist() == [2, 2, 2, 2] for index in a[2])
+    assert len({tuple(index.tolist()) for index in a[2]}) == 3 and len(a[10]) == 1
 
 
 def test_supervised_baseline_learns_what_the_labels_say():
@@ -42,7 +52,8 @@ def test_supervised_baseline_learns_what_the_labels_say():
     torch.manual_seed(0)
     pixels = torch.cat([torch.randint(0, 60, (20, 3, 16, 16)), torch.randint(190, 256, (20, 3, 16, 16))]).to(torch.uint8)
     data = Images(pixels, [0] * 20 + [1] * 20)
-    assert supervised_top1(data, data, per_class=5, steps=80, batch_size=10) == 100.0
+    index = label_draws(torch.tensor(data.labels), (5,), draws=1)[5][0]
+    assert supervised_top1(data, data, index, steps=80, batch_size=10) == 100.0
 
 
 def test_predicted_masks_have_the_masks_shape_and_the_background_baseline_is_scored(tiny_shapes):

@@ -61,6 +61,7 @@ SAMPLES: dict[str, list[tuple[object, dict]]] = {
     "resume": [(True, {}), (False, {})],
     "knn_every_n_epochs": [(2, {})],
     "save_every_n_steps": [(50, {})],
+    "save_every_n_minutes": [(0.5, {})],
     "log_every_n_steps": [(1, {})],
     "no_progress": [(True, {}), (False, {})],
 }

@@ -11,8 +11,10 @@ shrinks a lesson (byol_nb/course.py): both modes run the same cells and pass the
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -57,8 +59,12 @@ def full_runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("course-runs-full")
 
 
-def execute(path: Path, tmp_path: Path, times: int = 1) -> list:
-    """Run every cell of the notebook at ``path`` ``times`` times in a fresh kernel; return its cells."""
+MAX_CELL_TEXT = 3000  # characters a cell may print: a lesson's output is read, not scrolled
+
+
+def execute(path: Path, tmp_path: Path, times: int = 1, then: Callable | None = None) -> list:
+    """Run every cell of the notebook at ``path`` ``times`` times in a fresh kernel, then
+    ``then(client, cells)`` in the same kernel; return its cells."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(path, as_version=4)
@@ -76,29 +82,48 @@ def execute(path: Path, tmp_path: Path, times: int = 1) -> list:
         for index, cell in enumerate(notebook.cells):
             for _ in range(times if cell.cell_type == "code" else 1):
                 client.execute_cell(cell, index)
+        if then is not None:
+            then(client, notebook.cells)
     print(f"{path.name}: {time.perf_counter() - started:.0f} s")
     return notebook.cells
 
 
+def printed(cell) -> str:
+    """The text a code cell shows: its streams and the plain text of its results (not its figures)."""
+    parts = []
+    for output in cell.outputs:
+        if output.output_type == "stream":
+            parts.append(output.text)
+        elif output.output_type in ("execute_result", "display_data") and "image/png" not in output.get("data", {}):
+            parts.append(output.get("data", {}).get("text/plain", ""))
+    return "".join(parts)
+
+
 def assert_ran_cleanly(path: Path, cells: list) -> None:
-    """No cell raised, and the lesson showed at least one figure."""
+    """No cell raised, no cell printed more than MAX_CELL_TEXT characters, and the lesson showed at
+    least one figure."""
     outputs = [o for c in cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert [o for o in outputs if "image/png" in o.get("data", {})], f"{path.name} shows no figure"
+    long = {i: len(printed(c)) for i, c in enumerate(cells) if c.cell_type == "code" and len(printed(c)) > MAX_CELL_TEXT}
+    assert not long, f"{path.name}: cells printing more than {MAX_CELL_TEXT} characters (cell: characters): {long}"
+
+
+@pytest.fixture()
+def fast_mode(runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAST", "1")
+    monkeypatch.setenv("BYOL_NB_RUNS", str(runs_dir))
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 
 
 @pytest.mark.notebooks
 @pytest.mark.slow
 @pytest.mark.timeout(PER_NOTEBOOK_TIMEOUT_S + 60)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes_in_fast_mode(path: Path, runs_dir: Path, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch):
+def test_notebook_executes_in_fast_mode(path: Path, fast_mode: None, tmp_path: Path):
     """Every code cell runs twice in a row, as a learner re-running a cell would: a lesson must not
     break on its second run (a folder that already exists, a figure already open, a variable
     already changed)."""
-    monkeypatch.setenv("FAST", "1")
-    monkeypatch.setenv("BYOL_NB_RUNS", str(runs_dir))
-    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     assert_ran_cleanly(path, execute(path, tmp_path, times=2))
 
 
@@ -118,3 +143,54 @@ def test_notebook_executes_in_full_mode_through_every_training_call(path: Path, 
     monkeypatch.setenv("BYOL_NB_RUNS", str(full_runs_dir))
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     assert_ran_cleanly(path, execute(path, tmp_path))
+
+
+# ---- the exercises' hidden solutions ---------------------------------------------------------------
+
+SOLUTION_BLOCK = re.compile(r"<summary>[^<]*[Ss]olution[^<]*</summary>(.*?)</details>", re.S)
+PYTHON_CODE = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def solutions(cells: list) -> list[tuple[int, str]]:
+    """(index of the check cell, solution code) for every hidden solution: the ```python blocks in
+    a <details> block whose summary says solution, checked by the last "# check cell" above it."""
+    found, check_cell = [], None
+    for index, cell in enumerate(cells):
+        source = "".join(cell.source)
+        if cell.cell_type == "code" and source.startswith("# check cell"):
+            check_cell = index
+        for block in SOLUTION_BLOCK.findall(source) if cell.cell_type == "markdown" else ():
+            code = "\n".join(PYTHON_CODE.findall(block))
+            if code:
+                assert check_cell is not None, f"cell {index}: a solution with no check cell above it"
+                found.append((check_cell, code))
+    return found
+
+
+def test_every_lesson_with_exercises_has_solutions_that_a_check_cell_checks():
+    nbformat = pytest.importorskip("nbformat")
+    for path in NOTEBOOKS:
+        assert solutions(nbformat.read(path, as_version=4).cells), f"{path.name}: no hidden solution found"
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+@pytest.mark.timeout(PER_NOTEBOOK_TIMEOUT_S + 60)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_hidden_solution_pasted_in_passes_its_check(path: Path, fast_mode: None, tmp_path: Path):
+    """After the lesson ran (FAST), each solution is run in the notebook's own namespace, as a learner
+    pasting it would, and its check cell run again: every check says correct, none fails."""
+    nbformat = pytest.importorskip("nbformat")
+
+    def paste_solutions(client, cells: list) -> None:
+        for check_index, code in solutions(cells):
+            solution = nbformat.v4.new_code_cell(code)
+            cells.append(solution)  # nbclient records a cell's outputs at its index in the notebook
+            client.execute_cell(solution, len(cells) - 1)
+            check_cell = nbformat.v4.new_code_cell("".join(cells[check_index].source))
+            client.execute_cell(check_cell, check_index)
+            said = printed(check_cell)
+            assert "correct!" in said and "not yet" not in said and "not answered" not in said, \
+                f"{path.name}: the solution checked by cell {check_index} does not pass: {said!r}\n{code}"
+
+    execute(path, tmp_path, then=paste_solutions)

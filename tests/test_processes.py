@@ -82,6 +82,31 @@ def test_fork_guard_names_the_call_and_the_remedy(monkeypatch):
     check_fork_safe("ddp")  # new interpreters (subprocess launcher) are not affected
 
 
+def test_a_loaded_cuda_driver_counts_as_initialised_cuda(monkeypatch, tmp_path):
+    """torch.cuda.is_available() without NVML loads and initialises the CUDA driver but leaves
+    torch.cuda.is_initialized() False: the fork guard reads the process's memory map instead."""
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert not devices.cuda_driver_loaded(maps)
+    maps.write_text(maps.read_text() + "7f02-7f03 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libcuda.so.1\n")
+    assert devices.cuda_driver_loaded(maps) and not torch.cuda.is_initialized()
+    real = devices.cuda_driver_loaded
+    monkeypatch.setattr(devices, "cuda_driver_loaded", lambda: real(maps))
+    with pytest.raises(ForkAfterCudaError):
+        check_fork_safe("ddp_notebook")
+
+
+def test_importing_byol_nb_makes_cuda_availability_ask_nvml():
+    """So that lesson 00's torch.cuda.is_available() leaves the kernel able to fork (torch reads the
+    variable at each call); a value the user set is kept."""
+    code = "import os, byol_nb; print(os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'])"
+    env = {k: v for k, v in run_env().items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "1"
+    kept = subprocess.run([sys.executable, "-c", code], env={**env, "PYTORCH_NVML_BASED_CUDA_CHECK": "0"},
+                          capture_output=True, text=True).stdout.strip()
+    assert kept == "0"
+
+
 def test_auto_in_an_interactive_session_with_several_gpus_is_a_fork(monkeypatch):
     """Lightning turns strategy="auto" into ddp_fork in a notebook on several GPUs."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

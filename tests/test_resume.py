@@ -239,3 +239,20 @@ def test_momentum_schedule_continues_after_resume(tiny_shapes, tmp_path, monkeyp
     assert train.main([*flags, "--max-steps", "4", "--resume"]) == 0
     assert taus == pytest.approx([cosine_momentum(k, 4, 0.9) for k in (2, 3)])
     assert taus[0] > 0.9 + 1e-3
+
+
+def test_last_checkpoint_is_written_every_n_minutes(tiny_shapes, tmp_path, monkeypatch):
+    """With a clock that advances 2 minutes per reading and a save due every 3 minutes, a save
+    comes every second step (each step reads the clock once), then once more at the end."""
+    from byol_nb import resume
+
+    readings = iter(range(0, 10**6, 120))
+    monkeypatch.setattr(resume, "_clock", lambda: next(readings))
+    saved = []
+    save = resume.LastCheckpoint._save
+    monkeypatch.setattr(resume.LastCheckpoint, "_save", lambda self, trainer: (saved.append(trainer.global_step),
+                                                                               save(self, trainer)))
+    assert train.main(["--data", str(tiny_shapes / "train"), "--image-size", "16", "--batch-size", "8",
+                       "--proj-hidden", "32", "--proj-dim", "16", "--accelerator", "cpu", "--no-progress",
+                       "--max-steps", "6", "--save-every-n-minutes", "3", "--out", str(tmp_path)]) == 0
+    assert saved == [2, 4, 6, 6]  # the last call at the end finds step 6 written already
