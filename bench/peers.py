@@ -17,12 +17,15 @@ optimizer its docs recommend.
   backward and target forward only, the floor that any full step is compared with.
 
 All share the projector/predictor shape (1024 hidden, 256 out; byol_nb's and lightly's example
-default; byol-pytorch is told so) so that the compared work is the same model.
+default; byol-pytorch is told so) so that the compared work is the same model. A :class:`Setup`
+with ``flags`` trains byol_nb alone on the recipe those flags of ``python -m byol_nb.train`` give
+(``("--data", "cifar10")``: the cifar10 preset), for byol_nb's own speed and step-over-ideal figures.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,6 +38,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 HIDDEN, OUT = 1024, 256
+# lightly asks PyPI for its latest version when imported, unless told it already did: on a machine
+# with no internet that request waits for its timeout.
+os.environ.setdefault("LIGHTLY_DID_VERSION_CHECK", "True")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class Setup:
     seed: int = 0
     workers: int = 2  # DataLoader workers where the library's examples use them (lightly)
     precision: str = "auto"  # byol_nb's --precision (auto: what ``python -m byol_nb.train`` picks)
+    flags: tuple[str, ...] = ()  # byol_nb only: its recipe from these train flags (byol_nb_config)
 
     @property
     def device(self) -> torch.device:
@@ -102,7 +109,6 @@ def train_byol_nb(setup: Setup, paired: bool = False) -> Trained:
     see :func:`paired_ratio`."""
     import pytorch_lightning as pl
 
-    from byol_nb.config import TrainConfig
     from byol_nb.datasets import TensorImages
     from byol_nb.devices import resolve_precision
 
@@ -135,14 +141,13 @@ def train_byol_nb(setup: Setup, paired: bool = False) -> Trained:
             self.clock.tick()
 
     pl.seed_everything(setup.seed, verbose=False)
-    config = TrainConfig(image_size=setup.size, batch_size=setup.batch, proj_hidden=HIDDEN, proj_dim=OUT,
-                         seed=setup.seed)
+    config = byol_nb_config(setup)
     module = byol_nb_module(config, setup.device)
     dataset = TensorImages(setup.pixels.numpy(), [-1] * len(setup.pixels), setup.size, classes=[], channels_first=True)
     precision = resolve_precision(setup.precision, "auto")
     bf16 = precision == "bf16-mixed"
     if paired:
-        both = fixed_views(setup, dataset.pixels[: setup.batch])
+        both = fixed_views(setup, config, dataset.pixels[: setup.batch])
     clock = StepClock()
     trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=setup.steps, logger=False, precision=precision,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -277,6 +282,21 @@ def train_lightly(setup: Setup) -> Trained:
 
 
 # ---- the ideal step -------------------------------------------------------------------------------
+def byol_nb_config(setup: Setup) -> "TrainConfig":  # noqa: F821 (imported lazily)
+    """byol_nb's configuration for ``setup``: the peers' shared model shape, or, with ``setup.flags``,
+    the recipe ``python -m byol_nb.train`` builds from those flags (its ``--data`` preset included)
+    at the setup's image size, batch and seed."""
+    from byol_nb.cli import build_parser, config_from_args
+    from byol_nb.config import TrainConfig
+
+    if not setup.flags:
+        return TrainConfig(image_size=setup.size, batch_size=setup.batch, proj_hidden=HIDDEN, proj_dim=OUT,
+                           seed=setup.seed)
+    args = build_parser().check([*setup.flags, "--image-size", str(setup.size), "--batch-size", str(setup.batch),
+                                 "--seed", str(setup.seed)])
+    return config_from_args(args)
+
+
 def byol_nb_module(config: "TrainConfig", device: torch.device) -> "BYOLModule":  # noqa: F821 (imported lazily)
     """byol_nb's LightningModule as ``python -m byol_nb.train`` builds it, CPU speed-ups included."""
     from byol_nb.cpu_speed import speed_up_for_cpu
@@ -297,26 +317,27 @@ def model_step(nets: "BYOLNetworks", both: Tensor, bf16: bool) -> None:  # noqa:
     loss.backward()
 
 
-def fixed_views(setup: Setup, images: Tensor) -> Tensor:
-    """The ideal step's input: both views of ``images`` (uint8), augmented once, stacked on the
-    batch, channels_last on the run's device, as byol_nb's step feeds its networks."""
+def fixed_views(setup: Setup, config: "TrainConfig", images: Tensor) -> Tensor:  # noqa: F821 (imported lazily)
+    """The ideal step's input: both views of ``images`` (uint8), augmented once with the run's
+    recipe, stacked on the batch, channels_last on the run's device, as byol_nb's step feeds its networks."""
     from byol_nb.augment import AugmentConfig, TwoViewAugment
 
-    view1, view2 = TwoViewAugment(AugmentConfig(setup.size)).to(setup.device)(images.to(setup.device), seed=setup.seed)
+    augment = TwoViewAugment(AugmentConfig.from_train_config(config)).to(setup.device)
+    view1, view2 = augment(images.to(setup.device), seed=setup.seed)
     return torch.cat([view1.images, view2.images]).contiguous(memory_format=torch.channels_last)
 
 
 def ideal_step(setup: Setup) -> Trained:
     """byol_nb's networks and loss on fixed, already augmented views: no data, no augmentation, no
     optimizer, no EMA, no Lightning. Memory format and precision are those of byol_nb's step."""
-    from byol_nb.config import TrainConfig
     from byol_nb.devices import resolve_precision
 
     torch.manual_seed(setup.seed)
     device = setup.device
+    config = byol_nb_config(setup)
     # The module's own networks, so the ideal follows whatever layout byol_nb trains with.
-    nets = byol_nb_module(TrainConfig(image_size=setup.size, proj_hidden=HIDDEN, proj_dim=OUT), device).nets.to(device)
-    both = fixed_views(setup, setup.pixels[: setup.batch])
+    nets = byol_nb_module(config, device).nets.to(device)
+    both = fixed_views(setup, config, setup.pixels[: setup.batch])
     bf16 = resolve_precision(setup.precision, "auto") == "bf16-mixed"
     clock = Clock()
     for _ in range(setup.steps):

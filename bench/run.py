@@ -31,8 +31,12 @@ from bench.peers import PEERS
 
 REPO = Path(__file__).resolve().parent.parent
 SUBSET = REPO / "data" / "cifar10-subset"
-SUBSET_TAR = REPO.parent / "shared" / "data" / "cifar10-subset.tar"
+# Where its archive may be, first found first: BYOL_NB_PHOTOS_TAR, the wheel folder that travels to a
+# GPU machine (make gpu-wheels), the shared folder beside the repository.
+SUBSET_TARS = [Path(p) for p in [os.environ.get("BYOL_NB_PHOTOS_TAR"), REPO / ".whl" / "cifar10-subset.tar",
+                                 REPO.parent / "shared" / "data" / "cifar10-subset.tar"] if p]
 RESULTS = REPO / "bench" / "results"
+WORKER_TIMEOUT_S = 900  # one measurement; a hung run must not hang the whole benchmark
 
 
 def cached_pixels(split: str | None, size: int) -> Path:
@@ -54,21 +58,26 @@ def cached_pixels(split: str | None, size: int) -> Path:
 
 
 def find_subset() -> bool:
-    """Extract ../shared/data/cifar10-subset.tar into data/ when needed; False when it is absent."""
+    """Extract the real-image subset's archive (the first of ``SUBSET_TARS`` found) into data/ when
+    needed; False when none is found."""
     if (SUBSET / "train").is_dir():
         return True
-    if not SUBSET_TAR.is_file():
+    archive = next((path for path in SUBSET_TARS if path.is_file()), None)
+    if archive is None:
         return False
     SUBSET.parent.mkdir(exist_ok=True)
-    with tarfile.open(SUBSET_TAR) as tar:
+    with tarfile.open(archive) as tar:
         tar.extractall(SUBSET.parent, filter="data")
     return True
 
 
-def run_worker(spec: dict) -> dict:
-    """One measurement in a fresh process; its last JSON line is the result."""
-    done = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(spec)], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+def run_worker(spec: dict, timeout: float = WORKER_TIMEOUT_S) -> dict:
+    """One measurement in a fresh process, stopped after ``timeout`` seconds; its last JSON line is the result."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(spec)], cwd=REPO, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{spec['runner']} {spec['task']}: no result after {timeout:.0f} s") from None
     if done.returncode != 0:
         raise RuntimeError(f"{spec['runner']} failed:\n{done.stderr[-3000:]}")
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quality: {args.quality_steps} steps, batch {args.batch}, {args.quality_size} px", flush=True)
         report["quality"] = quality(args)
     else:
-        print(f"quality skipped: the real-image subset is not at {SUBSET} nor {SUBSET_TAR}")
+        print(f"quality skipped: the real-image subset is neither at {SUBSET} nor in {', '.join(map(str, SUBSET_TARS))}")
     report["machine"]["load_avg_end"] = os.getloadavg()
     report["wall_s"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)

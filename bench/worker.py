@@ -3,39 +3,44 @@
     python -m bench.worker '{"task": "speed", "runner": "lightly", "size": 32, "batch": 64, ...}'
 
 A fresh process per run keeps runs independent: no allocator state, thread pool or cached kernel
-carries over from one library to the next, and peak memory is that run's alone.
+carries over from one library to the next, and peak memory is that run's alone. It imports only
+torch and what the run needs: psutil, for memory on the CPU, is optional (a GPU machine's image
+may lack it).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import sys
 import threading
 import time
 
-import psutil
 import torch
 
 from bench.peers import RUNNERS, Setup, paired_ratio, train_byol_nb
 
 
 class PeakMemory:
-    """Peak memory above the level at entry: GPU bytes allocated, or on CPU the resident set of this
-    process plus its DataLoader workers, sampled every 10 ms."""
+    """Peak memory above the level at entry: GPU bytes allocated (torch.cuda's own count), or on CPU
+    the resident set of this process plus its DataLoader workers, sampled every 10 ms through
+    psutil; ``megabytes`` is None on a CPU without psutil."""
 
     def __init__(self) -> None:
-        self.process = psutil.Process()
         self.cuda = torch.cuda.is_available()
-        self.peak = 0
+        self.psutil = None if self.cuda else _optional("psutil")
+        self.peak = self.base = 0
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def _resident(self) -> int:
-        total = self.process.memory_info().rss
-        for child in self.process.children(recursive=True):
+        process = self.psutil.Process()
+        total = process.memory_info().rss
+        for child in process.children(recursive=True):
             try:
                 total += child.memory_info().rss
-            except psutil.Error:
+            except self.psutil.Error:
                 pass
         return total
 
@@ -47,7 +52,7 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
-        else:
+        elif self.psutil is not None:
             self.base = self.peak = self._resident()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -56,20 +61,34 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.cuda:
             self.peak = torch.cuda.max_memory_allocated()
-        else:
+        elif self._thread is not None:
             self._stop.set()
             self._thread.join()
 
     @property
-    def megabytes(self) -> float:
+    def megabytes(self) -> float | None:
+        if not self.cuda and self.psutil is None:
+            return None
         return (self.peak - self.base) / 2**20
+
+
+def _optional(name: str):
+    """The module ``name``, or None when it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _setup(spec: dict, pixels: torch.Tensor, steps: int) -> Setup:
+    return Setup(pixels, spec["size"], spec["batch"], steps, spec.get("seed", 0), spec.get("workers", 2),
+                 spec.get("precision", "auto"), tuple(spec.get("flags", ())))
 
 
 def speed(spec: dict) -> dict:
     """Throughput over ``steps`` steps after ``warmup`` untimed ones, in source images per second."""
     pixels = torch.load(spec["pixels"], weights_only=True)["pixels"]
-    setup = Setup(pixels, spec["size"], spec["batch"], spec["warmup"] + spec["steps"], spec.get("seed", 0),
-                  spec.get("workers", 2), spec.get("precision", "auto"))
+    setup = _setup(spec, pixels, spec["warmup"] + spec["steps"])
     with PeakMemory() as memory:
         trained = RUNNERS[spec["runner"]](setup)
     durations = [b - a for a, b in zip(trained.stamps, trained.stamps[1:])][spec["warmup"]:]
@@ -82,8 +101,7 @@ def speed(spec: dict) -> dict:
 def paired(spec: dict) -> dict:
     """byol_nb's full step and its ideal step in alternating blocks in one run (bench.peers.paired_ratio)."""
     pixels = torch.load(spec["pixels"], weights_only=True)["pixels"]
-    setup = Setup(pixels, spec["size"], spec["batch"], spec["warmup"] + spec["steps"], spec.get("seed", 0),
-                  spec.get("workers", 2), spec.get("precision", "auto"))
+    setup = _setup(spec, pixels, spec["warmup"] + spec["steps"])
     trained = train_byol_nb(setup, paired=True)
     return {**spec, **paired_ratio(trained.stamps, list(trained.ideal_s), list(trained.block_s), spec["warmup"])}
 
@@ -100,8 +118,7 @@ def quality(spec: dict) -> dict:
         torch.manual_seed(spec.get("seed", 0))
         backbone = Backbone("resnet18")
     else:
-        setup = Setup(train["pixels"], spec["size"], spec["batch"], spec["steps"], spec.get("seed", 0),
-                      spec.get("workers", 2), spec.get("precision", "auto"))
+        setup = _setup(spec, train["pixels"], spec["steps"])
         backbone = RUNNERS[spec["runner"]](setup).backbone
     trained_s = time.perf_counter() - started
     backbone = backbone.float().to(memory_format=torch.contiguous_format)
