@@ -185,7 +185,8 @@ def test_every_hidden_solution_pasted_in_passes_its_check(path: Path, fast_mode:
     def paste_solutions(client, cells: list) -> None:
         for check_index, code in solutions(cells):
             solution = nbformat.v4.new_code_cell(code)
-            client.execute_cell(solution, len(cells))
+            cells.append(solution)  # nbclient records a cell's outputs at its index in the notebook
+            client.execute_cell(solution, len(cells) - 1)
             check_cell = nbformat.v4.new_code_cell("".join(cells[check_index].source))
             client.execute_cell(check_cell, check_index)
             said = printed(check_cell)
