@@ -136,8 +136,9 @@ def course_device() -> torch.device:
 
 
 # Each lesson's first run in full mode (Restart and Run All, headless, nothing cached), in seconds, on
-# the 2-core Intel Xeon with bf16 instructions that BENCHMARKS.md describes (its table "The course").
-XEON_SECONDS = {"00": 12, "01": 9, "02": 140, "03": 434, "04": 5, "05": 689, "06": 1498}
+# the 2-core Intel Xeon with bf16 instructions that BENCHMARKS.md describes (its section "The lessons'
+# own runs", which says how 06's figure was completed).
+XEON_SECONDS = {"00": 28, "01": 14, "02": 132, "03": 598, "04": 8, "05": 1007, "06": 2400}
 # Without bf16 instructions (fp32), the training of make train took 3.4 times as long on the AMD EPYC
 # (BENCHMARKS.md); lessons that train scale alike, the others hardly at all.
 FP32_FACTOR = 3.4
